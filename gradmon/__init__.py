@@ -1,0 +1,20 @@
+"""gradmon: per-layer gradient health of PyTorch training, served as Prometheus metrics.
+
+mon = gradmon.attach(model, optimizer)   # that's all; /metrics on 127.0.0.1:9400
+"""
+
+from gradmon.config import Config
+from gradmon.errors import GradmonError
+from gradmon.monitor import Monitor, attach
+from gradmon.snapshot import LayerStats, Snapshot
+from gradmon.version import __version__
+
+__all__ = [
+    "Config",
+    "GradmonError",
+    "LayerStats",
+    "Monitor",
+    "Snapshot",
+    "__version__",
+    "attach",
+]

@@ -1,0 +1,216 @@
+"""Configuration: pydantic models, loaded from None, a dict, a YAML path or a Config.
+
+`GRADMON_<SECTION>__<KEY>` environment variables override file and dict values; they are
+read only here, when a config is loaded, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gradmon.errors import GradmonError
+
+ENV_PREFIX = "GRADMON_"
+_NULLS = {"", "null", "none", "~"}
+
+
+class _Section(BaseModel):
+    # extra="forbid" makes every unknown key an error naming the key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from exc
+    return value
+
+
+class CollectConfig(_Section):
+    every_n_steps: int = Field(1, ge=1, description="statistics on every n-th optimizer step")
+    include: str | None = Field(None, description="regex on layer names; null = all")
+    exclude: str | None = Field(None, description="regex on layer names to leave out")
+    granularity: Literal["parameter", "module"] = "parameter"
+    backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
+
+    _regex = field_validator("include", "exclude")(_check_regex)
+
+
+class TLSConfig(_Section):
+    certfile: str | None = None
+    keyfile: str | None = None
+    client_cafile: str | None = None
+
+
+class BasicAuthConfig(_Section):
+    username: str | None = None
+    password_file: str | None = None
+
+
+class ExporterConfig(_Section):
+    enabled: bool = True
+    addr: str = "127.0.0.1"
+    port: int = Field(9400, ge=0, le=65535, description="0 = ephemeral; rank r uses port + r")
+    per_layer: bool = True
+    max_layers: int = Field(512, ge=1)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    basic_auth: BasicAuthConfig = Field(default_factory=BasicAuthConfig)
+
+
+class HealthConfig(_Section):
+    """Thresholds. The same values render the Prometheus alert rules (see README)."""
+
+    vanishing_rms: float = Field(1e-7, ge=0, description="layer grad rms below this is vanishing")
+    vanishing_ratio: float = Field(
+        1e-4, ge=0, lt=1, description="layer rms below this fraction of the median layer rms"
+    )
+    exploding_norm: float = Field(1e3, gt=0, description="layer grad L2 norm above this")
+    spike_factor: float = Field(
+        10.0, gt=1, description="global norm above this many times its running median"
+    )
+    spike_window: int = Field(100, ge=3, description="collections in the running median")
+    spike_warmup: int = Field(10, ge=1, description="collections before spikes are judged")
+    patience: int = Field(
+        3, ge=1, description="consecutive collections before vanishing/dead is reported"
+    )
+
+
+class TensorboardConfig(_Section):
+    logdir: str | None = None
+
+
+class RecordConfig(_Section):
+    path: str | None = None
+
+
+class Config(_Section):
+    run_id: str | None = Field(None, description="identity of the run in gradmon_info")
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+    exporter: ExporterConfig = Field(default_factory=ExporterConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    tensorboard: TensorboardConfig = Field(default_factory=TensorboardConfig)
+    record: RecordConfig = Field(default_factory=RecordConfig)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid gradmon config ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; allowed here: {_allowed_keys(err['loc'])}")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err['input']!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "?"
+        model = annotation
+    return ", ".join(model.model_fields)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`GRADMON_EXPORTER__PORT=0` -> {"exporter": {"port": "0"}}.
+
+    Values stay strings (pydantic coerces "0", "true", "1e-6"); an empty value or
+    null/none/~ means null. Not YAML: a regex such as `[ab].*` must stay a string.
+    """
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if not all(path):
+            raise GradmonError(f"environment variable {name}: empty key in path")
+        value: str | None = None if raw.strip().lower() in _NULLS else raw
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise GradmonError(f"environment variable {name}: {part} is not a section")
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise GradmonError(f"cannot read gradmon config file {p}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GradmonError(f"gradmon config file {p} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GradmonError(
+            f"gradmon config file {p} must hold a mapping of sections "
+            f"(collect, exporter, health, ...), not a {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(
+    config: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve what `attach(config=...)` accepts into a validated Config.
+
+    A Config object is used as is; for None, a dict or a YAML path, GRADMON_* environment
+    variables are applied on top (so operators can override a committed file).
+    """
+    if isinstance(config, Config):
+        return config
+    if config is None:
+        data: dict[str, Any] = {}
+        source = "defaults"
+    elif isinstance(config, Mapping):
+        data = dict(config)
+        source = "dict"
+    elif isinstance(config, str | os.PathLike):
+        data = read_yaml(config)
+        source = f"file {os.fspath(config)}"
+    else:
+        raise GradmonError(
+            "config must be None, a dict, a YAML file path or gradmon.Config, "
+            f"not {type(config).__name__}"
+        )
+    env = _env_overrides(os.environ if environ is None else environ)
+    if env:
+        data = _merge(data, env)
+        source += " + GRADMON_* environment"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise GradmonError(_format_errors(exc, source)) from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,290 @@
+"""Prometheus exposition: a custom Collector over the monitor's latest state, and its server.
+
+`collect()` runs on the scrape thread and only reads a copy of the state that the monitor
+takes under its lock; it never computes statistics and never touches the training thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from gradmon.config import ExporterConfig
+from gradmon.errors import GradmonError
+from gradmon.snapshot import Snapshot
+
+log = logging.getLogger("gradmon")
+
+AGENT_STAGES = ("hook", "collect", "publish", "scaler", "log", "export")
+
+
+def log_buckets(lo_exp: int, hi_exp: int, per_decade: int) -> tuple[float, ...]:
+    """Upper bounds 10**lo_exp .. 10**hi_exp, `per_decade` per power of ten."""
+    n = (hi_exp - lo_exp) * per_decade
+    return tuple(float(f"{10 ** (lo_exp + i / per_decade):.3g}") for i in range(n + 1))
+
+
+GLOBAL_NORM_BUCKETS = log_buckets(-8, 8, 2)
+DURATION_BUCKETS = log_buckets(-5, 1, 3)
+
+
+class Histogram:
+    """A cumulative histogram the monitor observes into and the exporter copies."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # last slot: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        if math.isnan(value):
+            return  # a NaN has no bucket; non-finite steps are counted elsewhere
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def copy(self) -> Histogram:
+        h = Histogram(self.bounds)
+        h.counts = list(self.counts)
+        h.total = self.total
+        return h
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            out.append((repr(bound), float(running)))
+        out.append(("+Inf", float(running + self.counts[-1])))
+        return out
+
+
+@dataclass
+class ExportState:
+    """A consistent copy of everything /metrics shows, taken under the monitor's lock."""
+
+    version: str
+    run_id: str
+    rank: int | None
+    steps_total: int = 0
+    collections_total: int = 0
+    nonfinite_steps_total: int = 0
+    skipped_steps_total: int = 0
+    snapshot: Snapshot | None = None
+    layer_names: list[str] = field(default_factory=list)  # exported layers, capped
+    anomalies_total: dict[tuple[str, str], int] = field(default_factory=dict)
+    layer_nonfinite_total: dict[str, int] = field(default_factory=dict)
+    errors_total: dict[str, int] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    loss_scale: float | None = None
+    global_norm_hist: Histogram | None = None
+    duration_hist: Histogram | None = None
+    per_layer: bool = True
+
+
+class GradmonCollector(Collector):
+    def __init__(self, state_fn: Callable[[], ExportState]) -> None:
+        self._state_fn = state_fn
+
+    def describe(self) -> list[Metric]:
+        # Empty: the families depend on the run, and registering must not call collect().
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._state_fn()
+        rank_names = ["rank"] if st.rank is not None else []
+        rank_values = [str(st.rank)] if st.rank is not None else []
+
+        def gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
+            if value is not None:
+                g = GaugeMetricFamily(name, doc, labels=rank_names)
+                g.add_metric(rank_values, value)
+                yield g
+
+        def counter(name: str, doc: str, value: float) -> Metric:
+            c = CounterMetricFamily(name, doc, labels=rank_names)
+            c.add_metric(rank_values, value)
+            return c
+
+        info = GaugeMetricFamily(
+            "gradmon_info",
+            "Identity of the monitored run (value 1).",
+            labels=["version", "run_id", *rank_names],
+        )
+        info.add_metric([st.version, st.run_id, *rank_values], 1.0)
+        yield info
+        yield counter(
+            "gradmon_steps", "Optimizer steps seen, skipped ones included.", st.steps_total
+        )
+        yield counter(
+            "gradmon_collections", "Steps whose statistics were computed.", st.collections_total
+        )
+        yield counter(
+            "gradmon_nonfinite_steps",
+            "Collected steps with any NaN/Inf gradient entry.",
+            st.nonfinite_steps_total,
+        )
+        yield counter(
+            "gradmon_skipped_steps",
+            "Optimizer steps skipped by the GradScaler for inf/NaN gradients.",
+            st.skipped_steps_total,
+        )
+        snap = st.snapshot
+        if snap is not None:
+            yield from gauge("gradmon_step", "Training step of the latest snapshot.", snap.step)
+            yield from gauge(
+                "gradmon_last_collection_timestamp_seconds",
+                "Wall time of the latest snapshot.",
+                snap.timestamp,
+            )
+            yield from gauge(
+                "gradmon_grad_global_norm",
+                "L2 norm over the finite entries of all monitored gradients.",
+                snap.global_norm,
+            )
+        yield from gauge("gradmon_loss_scale", "GradScaler loss scale.", st.loss_scale)
+        for name, doc, hist in (
+            (
+                "gradmon_grad_global_norm_per_step",
+                "Global gradient norm observed at every collected step.",
+                st.global_norm_hist,
+            ),
+            (
+                "gradmon_collect_duration_seconds",
+                "Host time the agent spent per collection.",
+                st.duration_hist,
+            ),
+        ):
+            if hist is not None:
+                h = HistogramMetricFamily(name, doc, labels=rank_names)
+                h.add_metric(rank_values, hist.buckets(), sum_value=hist.total)
+                yield h
+
+        anomalies = CounterMetricFamily(
+            "gradmon_anomalies",
+            "Health events by layer and kind (vanishing, exploding, nonfinite, dead, spike).",
+            labels=["layer", "kind", *rank_names],
+        )
+        for (layer, kind), n in sorted(st.anomalies_total.items()):
+            anomalies.add_metric([layer, kind, *rank_values], n)
+        yield anomalies
+
+        errors = CounterMetricFamily(
+            "gradmon_agent_errors",
+            "Failures inside the agent; training went on.",
+            labels=["stage", *rank_names],
+        )
+        for stage, n in sorted(st.errors_total.items()):
+            errors.add_metric([stage, *rank_values], n)
+        yield errors
+
+        scalars = GaugeMetricFamily(
+            "gradmon_scalar", "Values given to Monitor.log().", labels=["name", *rank_names]
+        )
+        for name, value in sorted(st.scalars.items()):
+            scalars.add_metric([name, *rank_values], value)
+        yield scalars
+
+        if st.per_layer and snap is not None:
+            yield from _layer_families(st, snap, rank_names, rank_values)
+
+
+_LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("gradmon_grad_norm", "norm", "L2 norm of the layer's gradient (finite entries)."),
+    ("gradmon_grad_rms", "rms", "Gradient norm / sqrt(finite numel)."),
+    ("gradmon_grad_abs_max", "abs_max", "Largest absolute finite gradient entry."),
+    ("gradmon_grad_zero_ratio", "zero_ratio", "Fraction of exactly-zero gradient entries."),
+    (
+        "gradmon_grad_sum_squares",
+        "sum_squares",
+        "Sum of squares of the gradient: an additive partial for cross-rank sums.",
+    ),
+    ("gradmon_param_norm", "param_norm", "L2 norm of the parameter."),
+)
+
+
+def _layer_families(
+    st: ExportState, snap: Snapshot, rank_names: list[str], rank_values: list[str]
+) -> Iterator[Metric]:
+    labels = ["layer", *rank_names]
+    layers = [(n, snap.layers[n]) for n in st.layer_names if n in snap.layers]
+    for metric, attr, doc in _LAYER_GAUGES:
+        g = GaugeMetricFamily(metric, doc, labels=labels)
+        for name, stats in layers:
+            g.add_metric([name, *rank_values], getattr(stats, attr))
+        yield g
+    c = CounterMetricFamily(
+        "gradmon_layer_nonfinite_steps",
+        "Collected steps where this layer's gradient had NaN/Inf entries.",
+        labels=labels,
+    )
+    for name in st.layer_names:
+        c.add_metric([name, *rank_values], st.layer_nonfinite_total.get(name, 0))
+    yield c
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server on (addr, port), stoppable."""
+
+    def __init__(self, config: ExporterConfig, port: int, registry: CollectorRegistry) -> None:
+        if config.basic_auth.username or config.basic_auth.password_file:
+            raise GradmonError(
+                "exporter.basic_auth is not supported by this gradmon version; "
+                "leave it unset and restrict exporter.addr, or use exporter.tls with client_cafile"
+            )
+        tls = config.tls
+        if bool(tls.certfile) != bool(tls.keyfile):
+            raise GradmonError("exporter.tls needs both certfile and keyfile, or neither")
+        try:
+            self._server, self._thread = start_http_server(
+                port,
+                addr=config.addr,
+                registry=registry,
+                certfile=tls.certfile,
+                keyfile=tls.keyfile,
+                client_cafile=tls.client_cafile,
+                client_auth_required=bool(tls.client_cafile),
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise GradmonError(
+                    f"exporter.port {port} on {config.addr} is already in use; choose another "
+                    "port, or 0 for an ephemeral one (GRADMON_EXPORTER__PORT=0)"
+                ) from None
+            raise GradmonError(
+                f"cannot serve metrics on {config.addr}:{port} (exporter.addr/port): {exc}"
+            ) from None
+        self.port: int = self._server.server_port
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        server: WSGIServer = self._server
+        server.shutdown()
+        server.server_close()
+        self._thread.join(timeout=5)
+
+
+def scalar_value(value: object) -> float:
+    """A float from a Python number or a one-element tensor (read on the scrape thread)."""
+    item = getattr(value, "item", None)
+    return float(item() if callable(item) else value)  # type: ignore[arg-type]
+
+
+def copy_counts(d: Mapping[str, int]) -> dict[str, int]:
+    return dict(d)

@@ -1,0 +1,94 @@
+"""CPU fast path: the 8-column partials of many tensors in one pass of a C kernel.
+
+The kernel (`gradmon.stats._cpu_kernel`, plain C, no torch headers) reads raw pointers.
+Contract of `_cpu_kernel.compute(ptrs, numels, dtypes, out_ptr, nthreads)`:
+
+* ``ptrs``, ``numels`` and ``dtypes`` are sequences of equal length T (checked in C);
+  ``ptrs[i]`` addresses ``numels[i]`` contiguous elements of dtype code ``dtypes[i]``
+  (0 float32, 1 float16, 2 bfloat16, 3 float64), valid for the whole call.
+* ``out_ptr`` addresses T*8 writable, contiguous float64 values (row-major ``[T, 8]``).
+* The kernel releases the GIL and uses up to ``nthreads`` threads; the result is
+  bit-identical for every thread count.
+
+The C side can only check lengths, codes and NULL pointers; everything else (device,
+contiguity, sizes of the buffers, lifetime) is this module's job.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from gradmon.stats.layout import NCOLS
+
+_kernel: ModuleType | None
+try:
+    # By module name, not `from gradmon.stats import _cpu_kernel`: the package namespace
+    # may hold another object under that name.
+    _kernel = importlib.import_module("gradmon.stats._cpu_kernel")
+except ImportError:  # not built (no compiler at install time): callers use another backend
+    _kernel = None
+
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+)
+_CODES: dict[torch.dtype, int] = {dt: code for code, dt in enumerate(SUPPORTED_DTYPES)}
+
+
+def available() -> bool:
+    """True when the compiled kernel could be imported."""
+    return _kernel is not None
+
+
+def compute_partials(
+    grads: Sequence[torch.Tensor],
+    out: torch.Tensor | None = None,
+    nthreads: int | None = None,
+) -> torch.Tensor:
+    """[T, 8] float64 partials of CPU tensors, one row per tensor in input order.
+
+    ``out``, if given, must be a contiguous float64 CPU tensor of shape ``[T, 8]``; it is
+    filled and returned. ``nthreads`` defaults to ``torch.get_num_threads()``.
+    Raises TypeError for unsupported dtypes and ValueError for non-CPU/non-strided tensors.
+    """
+    if _kernel is None:
+        raise RuntimeError(
+            "gradmon CPU kernel is not available (gradmon.stats._cpu_kernel failed to import; "
+            "rebuild with `python setup.py build_ext --inplace`)"
+        )
+    n = len(grads)
+    if out is None:
+        out = torch.empty((n, NCOLS), dtype=torch.float64)
+    elif (
+        out.dtype != torch.float64
+        or out.device.type != "cpu"
+        or tuple(out.shape) != (n, NCOLS)
+        or not out.is_contiguous()
+    ):
+        raise ValueError(f"out must be a contiguous float64 CPU tensor of shape [{n}, {NCOLS}]")
+    ptrs: list[int] = []
+    numels: list[int] = []
+    codes: list[int] = []
+    keep: list[torch.Tensor] = []  # contiguous copies must outlive the kernel call
+    codes_get = _CODES.get
+    for g in grads:
+        code = codes_get(g.dtype)
+        if code is None:
+            raise TypeError(f"gradmon CPU kernel does not support dtype {g.dtype}")
+        if not g.is_cpu or g.layout != torch.strided:
+            raise ValueError(f"expected a strided CPU tensor, got {g.device} {g.layout}")
+        if g.is_neg() or not g.is_contiguous():
+            g = g.resolve_neg().contiguous()
+            keep.append(g)
+        ptrs.append(g.data_ptr())
+        numels.append(g.numel())
+        codes.append(code)
+    threads = torch.get_num_threads() if nthreads is None else nthreads
+    _kernel.compute(ptrs, numels, codes, out.data_ptr(), threads)
+    return out
