@@ -24,7 +24,7 @@ PartialsFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 _CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _cpu_kernel() -> PartialsFn | None:
+def _load_cpu_backend() -> PartialsFn | None:
     try:
         from gradmon.stats import cpu
     except ImportError:
@@ -32,7 +32,7 @@ def _cpu_kernel() -> PartialsFn | None:
     return cpu.compute_partials if cpu.available() else None
 
 
-def _triton_kernel() -> tuple[PartialsFn | None, str]:
+def _load_triton_backend() -> tuple[PartialsFn | None, str]:
     try:
         from gradmon.stats import triton as triton_backend  # type: ignore[attr-defined]
     except ImportError as exc:
@@ -46,7 +46,7 @@ def select_backend(name: Backend, device: torch.device, dtype: torch.dtype) -> P
     if name == "torch" or dtype.is_complex:
         return generic.compute_partials
     if name in ("auto", "cpu") and device.type == "cpu" and dtype in _CPU_DTYPES:
-        fn = _cpu_kernel()
+        fn = _load_cpu_backend()
         if fn is not None:
             return fn
         if name == "cpu":
@@ -60,7 +60,7 @@ def select_backend(name: Backend, device: torch.device, dtype: torch.dtype) -> P
             f"not {dtype} on {device}; use 'auto' or 'torch'"
         )
     if name in ("auto", "triton") and (device.type == "cuda" or name == "triton"):
-        triton_fn, why = _triton_kernel()
+        triton_fn, why = _load_triton_backend()
         if triton_fn is not None:
             return triton_fn
         if name == "triton":

@@ -21,6 +21,7 @@
 #include <Python.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -71,7 +72,10 @@ static inline float load_f16(const uint16_t *p, int64_t i) {
     uint32_t special = (em << 13) | 0x7f800000u;                  /* inf/nan, payload kept */
     uint32_t normal = (em << 13) + (112u << 23);                  /* rebias 15 -> 127 */
     uint32_t sub = f32_bits(bits_f32(em | 0x3f000000u) - 0.5f);   /* m * 2^-24, exact */
-    uint32_t b = em >= 0x7c00u ? special : (em >= 0x0400u ? normal : sub);
+    /* Select with masks, not ?: - gcc keeps ?: around the float subtract as a branch
+     * (it may not speculate an FP op under -ftrapping-math), which blocks vectorisation. */
+    uint32_t is_special = 0u - (uint32_t)(em >= 0x7c00u), is_sub = 0u - (uint32_t)(em < 0x0400u);
+    uint32_t b = (special & is_special) | (sub & is_sub) | (normal & ~(is_special | is_sub));
     return bits_f32(b | sign);
 }
 static inline float load_bf16(const uint16_t *p, int64_t i) { return bits_f32((uint32_t)p[i] << 16); }
@@ -80,11 +84,11 @@ static inline double load_f64(const double *p, int64_t i) { return p[i]; }
 
 /* Fast path for one block: returns 0 (and adds nothing) if the block holds NaN/Inf.
  * ACC is the accumulation type of the sums, VAL the type min/max are tracked in. */
-#define DEFINE_FAST(NAME, T, VAL, LOAD)                                                    \
+#define DEFINE_FAST(NAME, T, VAL, ZT, LOAD)                                                    \
     ALWAYS_INLINE int NAME(const T *p, int64_t n, part_t *r) {                             \
         double s[LANES] = {0}, q[LANES] = {0};                                             \
         VAL mn[LANES], mx[LANES];                                                          \
-        int32_t z[LANES] = {0};                                                            \
+        ZT z[LANES] = {0}; /* same width as VAL: compare masks map onto it directly */                                                            \
         for (int j = 0; j < LANES; j++) { mn[j] = (VAL)INFINITY; mx[j] = -(VAL)INFINITY; } \
         int64_t i = 0;                                                                     \
         for (; i + LANES <= n; i += LANES) {                                               \
@@ -134,22 +138,38 @@ static inline double load_f64(const double *p, int64_t i) { return p[i]; }
         }                                                                                  \
     }
 
-DEFINE_FAST(fast_f32, float, float, load_f32)
-DEFINE_FAST(fast_f16, uint16_t, float, load_f16)
-DEFINE_FAST(fast_bf16, uint16_t, float, load_bf16)
-DEFINE_FAST(fast_f64, double, double, load_f64)
+DEFINE_FAST(fast_f32, float, float, int32_t, load_f32)
+DEFINE_FAST(fast_f64, double, double, int64_t, load_f64)
 DEFINE_CAREFUL(careful_f32, float, load_f32)
-DEFINE_CAREFUL(careful_f16, uint16_t, load_f16)
-DEFINE_CAREFUL(careful_bf16, uint16_t, load_bf16)
 DEFINE_CAREFUL(careful_f64, double, load_f64)
 
-#define RUN_BLOCKS(T, FAST, CAREFUL)                                                       \
-    do {                                                                                   \
-        const T *p = (const T *)it->ptr + it->start;                                       \
-        for (int64_t b = 0; b < it->len; b += BLOCK) {                                     \
-            int64_t n = it->len - b < BLOCK ? it->len - b : BLOCK;                         \
-            if (!FAST(p + b, n, r)) CAREFUL(p + b, n, r);                                  \
-        }                                                                                  \
+/* Half types are widened into a float scratch block first: a plain elementwise loop
+ * that vectorises on its own, after which the fp32 fast path runs unchanged. */
+#define DEFINE_WIDEN(NAME, LOAD)                                                          \
+    ALWAYS_INLINE void NAME(const uint16_t *p, int64_t n, float *dst) {                   \
+        for (int64_t i = 0; i < n; i++) dst[i] = LOAD(p, i);                              \
+    }
+DEFINE_WIDEN(widen_f16, load_f16)
+DEFINE_WIDEN(widen_bf16, load_bf16)
+
+#define RUN_BLOCKS(T, FAST, CAREFUL)                                                      \
+    do {                                                                                  \
+        const T *p = (const T *)it->ptr + it->start;                                      \
+        for (int64_t b = 0; b < it->len; b += BLOCK) {                                    \
+            int64_t n = it->len - b < BLOCK ? it->len - b : BLOCK;                        \
+            if (!FAST(p + b, n, r)) CAREFUL(p + b, n, r);                                 \
+        }                                                                                 \
+    } while (0)
+
+#define RUN_HALF_BLOCKS(WIDEN)                                                            \
+    do {                                                                                  \
+        const uint16_t *p = (const uint16_t *)it->ptr + it->start;                        \
+        float tmp[BLOCK];                                                                 \
+        for (int64_t b = 0; b < it->len; b += BLOCK) {                                    \
+            int64_t n = it->len - b < BLOCK ? it->len - b : BLOCK;                        \
+            WIDEN(p + b, n, tmp);                                                         \
+            if (!fast_f32(tmp, n, r)) careful_f32(tmp, n, r);                             \
+        }                                                                                 \
     } while (0)
 
 MULTIVERSION static void run_item(item_t *it) {
@@ -160,42 +180,39 @@ MULTIVERSION static void run_item(item_t *it) {
     r->zeros = r->nans = r->infs = 0;
     switch (it->dtype) {
     case DT_F32: RUN_BLOCKS(float, fast_f32, careful_f32); break;
-    case DT_F16: RUN_BLOCKS(uint16_t, fast_f16, careful_f16); break;
-    case DT_BF16: RUN_BLOCKS(uint16_t, fast_bf16, careful_bf16); break;
+    case DT_F16: RUN_HALF_BLOCKS(widen_f16); break;
+    case DT_BF16: RUN_HALF_BLOCKS(widen_bf16); break;
     default: RUN_BLOCKS(double, fast_f64, careful_f64); break;
     }
 }
 
-typedef struct { item_t *items; int64_t begin, end; } range_t;
+typedef struct {
+    item_t *items;
+    int64_t nitems;
+    atomic_llong next; /* next unclaimed item */
+} queue_t;
 
-static void *run_range(void *arg) {
-    range_t *rg = (range_t *)arg;
-    for (int64_t k = rg->begin; k < rg->end; k++) run_item(&rg->items[k]);
-    return NULL;
+/* Items are claimed one at a time from a shared counter rather than split up front: when
+ * another process holds a core, the threads that do run take over its share instead of
+ * waiting for it. Which thread runs an item never changes the item's partial. */
+static void *run_queue(void *arg) {
+    queue_t *q = (queue_t *)arg;
+    for (;;) {
+        int64_t k = atomic_fetch_add_explicit(&q->next, 1, memory_order_relaxed);
+        if (k >= q->nitems) return NULL;
+        run_item(&q->items[k]);
+    }
 }
 
-/* Static split by element count (items are at most CHUNK, so threads differ by <= CHUNK).
- * The caller's thread takes range 0; a thread that cannot be created runs inline. */
-static void run_all(item_t *items, int64_t nitems, int64_t total, int nthreads) {
-    range_t rg[MAX_THREADS];
+/* The calling thread works too; a thread that cannot be created is simply not needed. */
+static void run_all(item_t *items, int64_t nitems, int nthreads) {
+    queue_t q = {items, nitems, 0};
     pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    int64_t k = 0, seen = 0;
-    for (int t = 0; t < nthreads; t++) {
-        rg[t].items = items;
-        rg[t].begin = k;
-        int64_t goal = total * (t + 1) / nthreads;
-        while (k < nitems && (t == nthreads - 1 || seen + items[k].len / 2 < goal))
-            seen += items[k++].len;
-        rg[t].end = k;
-    }
-    for (int t = 1; t < nthreads; t++)
-        if (rg[t].end > rg[t].begin) started[t] = pthread_create(&tid[t], NULL, run_range, &rg[t]) == 0;
-    run_range(&rg[0]);
-    for (int t = 1; t < nthreads; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else run_range(&rg[t]);
-    }
+    int started = 0;
+    while (started < nthreads - 1 && pthread_create(&tid[started], NULL, run_queue, &q) == 0)
+        started++;
+    run_queue(&q);
+    for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
 }
 
 static PyObject *compute(PyObject *self, PyObject *args) {
@@ -259,7 +276,7 @@ static PyObject *compute(PyObject *self, PyObject *args) {
     if (nthreads > nitems) nthreads = (int)(nitems ? nitems : 1);
 
     Py_BEGIN_ALLOW_THREADS
-    run_all(items, nitems, total, nthreads);
+    run_all(items, nitems, nthreads);
     /* Combine each tensor's items in item order: independent of how threads split them. */
     for (Py_ssize_t i = 0; i < T; i++) {
         part_t a = {0.0, 0.0, INFINITY, -INFINITY, 0, 0, 0};

@@ -1,0 +1,87 @@
+"""The `gradmon` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gradmon.errors import GradmonError
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gradmon import demo
+
+    result = demo.run_demo(
+        scenario=args.scenario,
+        steps=args.steps,
+        port=args.port,
+        config=args.config,
+        live=not args.no_live,
+    )
+    print(demo.summary(result))
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from gradmon.config import dump_config, load_config
+
+    config = load_config(args.file)
+    print(f"# effective gradmon config ({args.file} + GRADMON_* environment)")
+    print(dump_config(config), end="")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from gradmon import bench
+
+    bench.main(steps=args.steps, as_json=args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gradmon.version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gradmon", description="Gradient-health monitoring for PyTorch training."
+    )
+    parser.add_argument("--version", action="version", version=f"gradmon {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from gradmon.demo import SCENARIOS
+
+    demo = sub.add_parser("demo", help="a real training run with the agent attached")
+    demo.add_argument("--scenario", choices=SCENARIOS, default="healthy")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: ~1 min)")
+    demo.add_argument("--port", type=int, default=9400, help="metrics port (0 = ephemeral)")
+    demo.add_argument("--config", default=None, help="a gradmon YAML config file")
+    demo.add_argument("--no-live", action="store_true", help="plain log lines, no live view")
+    demo.set_defaults(func=_demo)
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser("check", help="print the effective config or the errors")
+    check.add_argument("file", help="a gradmon YAML config file")
+    check.set_defaults(func=_config_check)
+
+    bench = sub.add_parser("bench", help="agent overhead on the reference model (CPU)")
+    bench.add_argument("--steps", type=int, default=30, help="interleaved steps per variant")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except GradmonError as exc:
+        print(f"gradmon: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

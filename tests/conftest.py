@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _clean_gradmon_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The agent reads GRADMON_* when loading config; a developer's shell must not leak in.
+    for name in list(os.environ):
+        if name.startswith("GRADMON_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.fixture
+def net() -> SmallNet:
+    return SmallNet()
+
+
+@pytest.fixture
+def no_server() -> dict[str, object]:
+    return {"exporter": {"enabled": False}}
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: int = 4) -> torch.Tensor:
+    opt.zero_grad(set_to_none=True)
+    loss = model(torch.randn(batch, 8)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+@pytest.fixture
+def attached(net: SmallNet, no_server: dict[str, object]) -> Iterator[tuple]:
+    import gradmon
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    mon = gradmon.attach(net, opt, config=no_server)
+    yield net, opt, mon
+    mon.close()

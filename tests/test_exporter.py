@@ -1,0 +1,161 @@
+"""/metrics over a real socket, parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import urllib.request
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import gradmon
+from gradmon import GradmonError
+
+from .conftest import SmallNet, train_step
+
+PORT0 = {"exporter": {"port": 0}}
+
+
+def scrape(port: int) -> dict[str, object]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def samples(family: object) -> dict[tuple[tuple[str, str], ...], float]:
+    return {tuple(sorted(s.labels.items())): s.value for s in family.samples}  # type: ignore[attr-defined]
+
+
+CONTRACT = {
+    "gradmon_info": "gauge",
+    "gradmon_steps": "counter",
+    "gradmon_collections": "counter",
+    "gradmon_step": "gauge",
+    "gradmon_last_collection_timestamp_seconds": "gauge",
+    "gradmon_grad_global_norm": "gauge",
+    "gradmon_grad_global_norm_per_step": "histogram",
+    "gradmon_nonfinite_steps": "counter",
+    "gradmon_skipped_steps": "counter",
+    "gradmon_anomalies": "counter",
+    "gradmon_grad_norm": "gauge",
+    "gradmon_grad_rms": "gauge",
+    "gradmon_grad_abs_max": "gauge",
+    "gradmon_grad_zero_ratio": "gauge",
+    "gradmon_grad_sum_squares": "gauge",
+    "gradmon_layer_nonfinite_steps": "counter",
+    "gradmon_param_norm": "gauge",
+    "gradmon_scalar": "gauge",
+    "gradmon_agent_errors": "counter",
+    "gradmon_collect_duration_seconds": "histogram",
+}
+
+
+def test_metrics_scraped_over_a_socket(net: SmallNet) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with gradmon.attach(net, opt, config={**PORT0, "run_id": "r1"}) as mon:
+        assert mon.port and mon.port != 9400
+        for _ in range(3):
+            loss = train_step(net, opt)
+        mon.log(loss=loss)
+        snap = mon.snapshot()
+        assert snap is not None
+        fams = scrape(mon.port)
+    for name, kind in CONTRACT.items():
+        assert name in fams, name
+        assert fams[name].type == kind, name
+        assert fams[name].documentation, name
+    assert samples(fams["gradmon_info"]) == {(("run_id", "r1"), ("version", gradmon.__version__)): 1}
+    steps = {s.name: s.value for s in fams["gradmon_steps"].samples}
+    assert steps["gradmon_steps_total"] == 3
+    assert {s.name: s.value for s in fams["gradmon_step"].samples}["gradmon_step"] == 2
+    norms = {s.labels["layer"]: s.value for s in fams["gradmon_grad_norm"].samples}
+    assert list(norms) == [n for n, _ in net.named_parameters()]
+    for layer, value in norms.items():
+        assert value == pytest.approx(snap.layers[layer].norm)
+    hist = {
+        s.labels.get("le"): s.value
+        for s in fams["gradmon_grad_global_norm_per_step"].samples
+        if s.name.endswith("_bucket")
+    }
+    assert hist["+Inf"] == 3
+    scalars = {s.labels["name"]: s.value for s in fams["gradmon_scalar"].samples}
+    assert scalars["loss"] == pytest.approx(float(loss))
+    errors = {s.labels["stage"]: s.value for s in fams["gradmon_agent_errors"].samples}
+    assert set(errors.values()) == {0.0} and "hook" in errors
+    # the process collector of our own registry is served too
+    assert "process_resident_memory_bytes" in fams or "python_info" in fams
+
+
+def test_server_stops_on_close(net: SmallNet) -> None:
+    mon = gradmon.attach(net, config=PORT0)
+    port = mon.port
+    assert port is not None
+    scrape(port)
+    mon.close()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_port_in_use_is_a_clear_error(net: SmallNet) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(GradmonError, match=f"exporter.port {port} .* already in use"):
+            gradmon.attach(net, config={"exporter": {"port": port}})
+    for p in net.parameters():
+        assert not p._post_accumulate_grad_hooks  # the failed attach left nothing behind
+
+
+def test_injected_registry_and_anomaly_counters(net: SmallNet) -> None:
+    registry = CollectorRegistry()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    cfg = {"exporter": {"enabled": False}, "health": {"exploding_norm": 1e-9}}
+    with gradmon.attach(net, opt, config=cfg, registry=registry) as mon:
+        assert mon.port is None
+        train_step(net, opt)
+        train_step(net, opt)
+        value = registry.get_sample_value(
+            "gradmon_anomalies_total", {"layer": "fc1.weight", "kind": "exploding"}
+        )
+        assert value == 2
+        assert registry.get_sample_value("gradmon_collections_total") == 2
+    assert registry.get_sample_value("gradmon_collections_total") is None  # unregistered
+
+
+def test_max_layers_caps_per_layer_series(
+    net: SmallNet, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = CollectorRegistry()
+    cfg = {"exporter": {"enabled": False, "max_layers": 2}}
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with caplog.at_level(logging.WARNING, logger="gradmon"):
+        mon = gradmon.attach(net, opt, config=cfg, registry=registry)
+    assert "exporter.max_layers is 2" in caplog.text and "fc2.weight" in caplog.text
+    with mon:
+        train_step(net, opt)
+        snap = mon.snapshot()
+        assert snap is not None and len(snap.layers) == 6  # statistics still cover all
+        fams = {f.name: f for f in registry.collect()}
+        assert len(fams["gradmon_grad_norm"].samples) == 2
+        assert fams["gradmon_grad_global_norm"].samples[0].value == pytest.approx(snap.global_norm)
+
+
+def test_per_layer_off(net: SmallNet) -> None:
+    registry = CollectorRegistry()
+    cfg = {"exporter": {"enabled": False, "per_layer": False}}
+    with gradmon.attach(net, config=cfg, registry=registry) as mon:
+        net(torch.randn(2, 8)).sum().backward()
+        mon.collect()
+        names = {f.name for f in registry.collect()}
+    assert "gradmon_grad_global_norm" in names and "gradmon_grad_norm" not in names
+
+
+def test_basic_auth_not_silently_ignored(net: SmallNet, tmp_path: object) -> None:
+    cfg = {"exporter": {"port": 0, "basic_auth": {"username": "u"}}}
+    with pytest.raises(GradmonError, match="exporter.basic_auth"):
+        gradmon.attach(net, config=cfg)

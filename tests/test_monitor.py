@@ -1,0 +1,300 @@
+"""Hook semantics of the agent, with real training of small models."""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gradmon
+from gradmon import GradmonError
+from gradmon.stats import Col, reference
+
+from .conftest import SmallNet, train_step
+
+NO_SERVER = {"exporter": {"enabled": False}}
+
+
+def expected_norms(model: nn.Module) -> dict[str, float]:
+    """float64 reference norms of the grads as they are now."""
+    return {
+        n: math.sqrt(reference.tensor_partials(p.grad)[Col.SUM_SQ])
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+
+
+def test_one_collection_per_step_on_final_grads(net: SmallNet) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: grads stay inspectable
+    with gradmon.attach(net, opt, config=NO_SERVER) as mon:
+        opt.zero_grad()
+        for _ in range(4):  # four micro-batches accumulate into one step
+            net(torch.randn(4, 8)).pow(2).mean().backward()
+        want = expected_norms(net)
+        opt.step()
+        snap = mon.snapshot()
+        assert snap is not None and snap.step == 0
+        assert mon._collections == 1
+        for name, norm in want.items():
+            assert snap.layers[name].norm == pytest.approx(norm, rel=1e-6)
+        assert snap.global_norm == pytest.approx(math.sqrt(sum(v * v for v in want.values())))
+        assert snap.anomalies == []
+
+
+def test_layer_stats_match_reference(net: SmallNet) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with gradmon.attach(net, opt, config=NO_SERVER) as mon:
+        opt.zero_grad()
+        net(torch.randn(16, 8)).pow(2).mean().backward()
+        rows = {n: reference.tensor_partials(p.grad) for n, p in net.named_parameters()}
+        pnorm = {n: p.detach().double().norm().item() for n, p in net.named_parameters()}
+        opt.step()
+        snap = mon.snapshot()
+    assert snap is not None
+    for name, row in rows.items():
+        s = snap.layers[name]
+        assert s.numel == dict(net.named_parameters())[name].numel()
+        assert s.sum_squares == pytest.approx(row[Col.SUM_SQ], rel=1e-6)
+        assert s.mean == pytest.approx(row[Col.SUM] / s.numel, rel=1e-5, abs=1e-12)
+        assert s.rms == pytest.approx(math.sqrt(row[Col.SUM_SQ] / s.numel), rel=1e-6)
+        assert (s.min, s.max, s.abs_max) == (row[Col.MIN], row[Col.MAX], row[Col.ABS_MAX])
+        assert s.zero_ratio == row[Col.ZERO_COUNT] / s.numel
+        assert s.param_norm == pytest.approx(pnorm[name], rel=1e-6)
+
+
+def test_every_n_steps(net: SmallNet) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with gradmon.attach(net, opt, config={**NO_SERVER, "collect": {"every_n_steps": 3}}) as mon:
+        steps = []
+        for _ in range(7):
+            train_step(net, opt)
+            snap = mon.snapshot()
+            steps.append(snap.step if snap else None)
+        assert steps == [0, 0, 0, 3, 3, 3, 6]
+        assert mon._steps == 7 and mon._collections == 3
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+        self.shared = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(torch.tanh(self.shared(self.used(x))))
+
+
+def test_unused_parameters_are_dead_after_patience() -> None:
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cfg = {**NO_SERVER, "health": {"patience": 2}}
+    with gradmon.attach(model, opt, config=cfg) as mon:
+        for step in range(3):
+            opt.zero_grad(set_to_none=False)  # zeros, not None: still "no gradient"
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+            snap = mon.snapshot()
+            assert snap is not None
+            assert not snap.layers["unused.weight"].received
+            assert snap.layers["used.weight"].received
+            dead = {a.layer for a in snap.anomalies if a.kind == "dead"}
+            assert dead == (set() if step == 0 else {"unused.weight", "unused.bias"})
+
+
+def test_shared_parameter_counted_once() -> None:
+    model = Branchy()
+    model.alias = model.shared  # the same module under a second name
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradmon.attach(model, opt, config=NO_SERVER) as mon:
+        opt.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        want = expected_norms(model)["shared.weight"]
+        opt.step()
+        snap = mon.snapshot()
+    assert snap is not None
+    assert "alias.weight" not in snap.layers
+    assert snap.layers["shared.weight"].norm == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing(reentrant: bool) -> None:
+    class Checkpointed(SmallNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = checkpoint(self.fc1, x, use_reentrant=reentrant)
+            h = checkpoint(lambda t: self.fc2(torch.relu(t)), h, use_reentrant=reentrant)
+            return self.out(torch.relu(h))
+
+    model = Checkpointed()
+    plain = SmallNet()
+    plain.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(5, 8, requires_grad=reentrant)
+    with gradmon.attach(model, opt, config=NO_SERVER) as mon:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        snap = mon.snapshot()
+        assert mon._collections == 1
+    plain(x).pow(2).mean().backward()
+    assert snap is not None
+    for name, norm in expected_norms(plain).items():
+        assert snap.layers[name].norm == pytest.approx(norm, rel=1e-5)
+
+
+def test_collect_without_optimizer(net: SmallNet) -> None:
+    with gradmon.attach(net, config=NO_SERVER) as mon:
+        assert mon.snapshot() is None
+        net(torch.randn(2, 8)).sum().backward()
+        mon.collect()
+        net(torch.randn(2, 8)).sum().backward()
+        mon.collect(step=41)
+        snap = mon.snapshot()
+        assert snap is not None and snap.step == 41
+        assert mon._collections == 2 and mon._steps == 2
+        with pytest.raises(GradmonError, match="collect\\(step=...\\)"):
+            mon.collect(step="3")  # type: ignore[arg-type]
+
+
+def test_include_exclude_and_module_granularity(net: SmallNet) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    cfg = {**NO_SERVER, "collect": {"include": "^fc", "exclude": "bias$"}}
+    with gradmon.attach(net, opt, config=cfg) as mon:
+        train_step(net, opt)
+        snap = mon.snapshot()
+        assert snap is not None and list(snap.layers) == ["fc1.weight", "fc2.weight"]
+    cfg = {**NO_SERVER, "collect": {"granularity": "module"}}
+    with gradmon.attach(net, opt, config=cfg) as mon:
+        opt.zero_grad()
+        net(torch.randn(4, 8)).pow(2).mean().backward()
+        per_param = expected_norms(net)
+        opt.step()
+        snap = mon.snapshot()
+    assert snap is not None and list(snap.layers) == ["fc1", "fc2", "out"]
+    fc1 = math.sqrt(per_param["fc1.weight"] ** 2 + per_param["fc1.bias"] ** 2)
+    assert snap.layers["fc1"].norm == pytest.approx(fc1, rel=1e-6)
+    assert snap.layers["fc1"].numel == 8 * 16 + 16
+
+
+def test_close_removes_every_hook(net: SmallNet) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    mon = gradmon.attach(net, opt, config=NO_SERVER)
+    train_step(net, opt)
+    mon.close()
+    mon.close()  # idempotent
+    assert mon.closed
+    train_step(net, opt)
+    assert mon._collections == 1 and mon._steps == 1
+    assert not opt._optimizer_step_pre_hooks
+    for p in net.parameters():
+        assert not p._post_accumulate_grad_hooks
+    with pytest.raises(GradmonError, match="closed"):
+        mon.collect()
+    # re-attaching after close works
+    with gradmon.attach(net, opt, config=NO_SERVER) as again:
+        train_step(net, opt)
+        assert again._collections == 1
+
+
+def test_monitor_does_not_keep_model_alive() -> None:
+    model = SmallNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = gradmon.attach(model, opt, config=NO_SERVER)
+    train_step(model, opt)
+    ref = weakref.ref(model)
+    del model, opt
+    gc.collect()
+    assert ref() is None
+    mon.close()
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(GradmonError, match="needs a torch.nn.Module, not list"):
+        gradmon.attach([1, 2])  # type: ignore[arg-type]
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(GradmonError, match="no parameters with requires_grad=True"):
+        gradmon.attach(frozen, config=NO_SERVER)
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(GradmonError, match="owns none of the 2 trainable parameters"):
+        gradmon.attach(nn.Linear(2, 2), other, config=NO_SERVER)
+    with pytest.raises(GradmonError, match="needs a torch.optim.Optimizer"):
+        gradmon.attach(nn.Linear(2, 2), "sgd", config=NO_SERVER)  # type: ignore[arg-type]
+    with pytest.raises(GradmonError, match="needs a torch.amp.GradScaler"):
+        gradmon.attach(nn.Linear(2, 2), scaler=object(), config=NO_SERVER)
+    with pytest.raises(GradmonError, match="leave none of the"):
+        gradmon.attach(nn.Linear(2, 2), config={**NO_SERVER, "collect": {"include": "nope"}})
+    with pytest.raises(GradmonError, match="log\\(loss=...\\)"):
+        gradmon.attach(nn.Linear(2, 2), config=NO_SERVER).log(loss="low")
+
+
+def test_nonfinite_gradients_counted_not_dropped(net: SmallNet) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with gradmon.attach(net, opt, config=NO_SERVER) as mon:
+        opt.zero_grad()
+        x = torch.randn(4, 8)
+        x[0, 0] = float("inf")
+        net(x).pow(2).mean().backward()
+        opt.step()
+        snap = mon.snapshot()
+    assert snap is not None and snap.nonfinite
+    assert mon._nonfinite_steps == 1
+    fc1 = snap.layers["fc1.weight"]
+    assert fc1.nan_count + fc1.inf_count > 0
+    assert math.isfinite(snap.global_norm)
+    assert ("fc1.weight", "nonfinite") in {(a.layer, a.kind) for a in snap.anomalies}
+
+
+def test_failure_inside_agent_does_not_stop_training(
+    net: SmallNet, caplog: pytest.LogCaptureFixture
+) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with gradmon.attach(net, opt, config=NO_SERVER) as mon:
+
+        def broken(_grads: object) -> torch.Tensor:
+            raise RuntimeError("injected")
+
+        mon._backends = {(torch.device("cpu"), torch.float32): broken}
+        before = [p.detach().clone() for p in net.parameters()]
+        for _ in range(3):
+            train_step(net, opt)
+        assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+        assert mon._errors["hook"] == 3
+        assert mon._steps == 3
+    assert sum("error in stage 'hook'" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_log_accepts_tensors_without_sync(net: SmallNet) -> None:
+    with gradmon.attach(net, config=NO_SERVER) as mon:
+        mon.log(loss=torch.tensor(0.5), lr=1e-3, step_time=2)
+        state = mon._export_state()
+        assert state.scalars == {"loss": 0.5, "lr": 1e-3, "step_time": 2.0}
+        with pytest.raises(GradmonError, match="one element"):
+            mon.log(loss=torch.ones(3))
+
+
+def test_grad_scaler_skipped_steps_are_counted(net: SmallNet) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    with gradmon.attach(net, opt, scaler=scaler, config=NO_SERVER) as mon:
+        for i in range(4):
+            opt.zero_grad()
+            x = torch.randn(4, 8)
+            if i == 2:
+                x[0, 0] = float("nan")  # poisoned batch: the scaler skips this step
+            scaler.scale(net(x).pow(2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+            if i == 0:
+                snap = mon.snapshot()
+                assert snap is not None and not snap.skipped
+                unscaled = snap.global_norm
+        assert mon._steps == 4 and mon._skipped_steps == 1
+        assert mon._nonfinite_steps == 1
+        assert mon._export_state().loss_scale == 2.0**7
+        assert unscaled < 100  # statistics of unscaled grads, not x256
+    assert "update" not in scaler.__dict__  # close() restored the scaler

@@ -1,0 +1,256 @@
+"""The C kernel (`gradmon.stats.cpu`) against the float64 oracle `gradmon.stats.reference`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradmon.stats import cpu, reference
+from gradmon.stats.layout import NCOLS, Col
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="C kernel not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+NAN, INF = float("nan"), float("inf")
+# Sizes around the kernel's lane (16), block (2048) and work-item (65536) boundaries.
+BOUNDARY_SIZES = [1, 15, 16, 17, 2047, 2048, 2049, 4095, 4096, 4097, 65535, 65536, 65537, 131073]
+EXACT_COLS = [Col.ABS_MAX, Col.MIN, Col.MAX, Col.ZERO_COUNT, Col.NAN_COUNT, Col.INF_COUNT]
+
+
+def assert_matches(grads: list[torch.Tensor], got: torch.Tensor | None = None) -> torch.Tensor:
+    """Kernel vs oracle: sums to 1e-6 relative, every other column exactly."""
+    if got is None:
+        got = cpu.compute_partials(grads)
+    want = reference.compute_partials(grads)
+    assert got.shape == (len(grads), NCOLS)
+    assert got.dtype == torch.float64
+    for i, g in enumerate(grads):
+        x = g.detach().double().reshape(-1)
+        scale = float(x[torch.isfinite(x)].abs().sum())  # cancellation bound for the sum
+        for col in (Col.SUM_SQ, Col.SUM):
+            a, b = float(got[i, col]), float(want[i, col])
+            if math.isinf(b):
+                assert a == b, (i, col.name, a, b)
+            else:
+                assert a == pytest.approx(b, rel=1e-6, abs=1e-12 * scale), (i, col.name, a, b)
+        for col in EXACT_COLS:
+            assert float(got[i, col]) == float(want[i, col]), (i, col.name, got[i], want[i])
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_values(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    assert_matches([torch.randn(10007).to(dtype), (torch.rand(333) * 100).to(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(5000)
+    x[[3, 100, 2047, 2048, 4999]] = NAN
+    y = torch.randn(5000)
+    y[[0, 17, 4096]] = INF
+    y[[5, 2049]] = -INF
+    z = torch.randn(100)
+    z[[1, 2]] = torch.tensor([INF, -INF])
+    z[50] = NAN
+    grads = [
+        x,
+        y,
+        z,
+        torch.full((40,), NAN),
+        torch.full((40,), INF),
+        torch.full((40,), -INF),
+        torch.tensor([NAN, INF, -INF, 0.0, -2.5, 7.0]),
+        torch.tensor([INF, -INF]),
+    ]
+    got = assert_matches([g.to(dtype) for g in grads])
+    assert got[0, Col.NAN_COUNT] == 5 and got[1, Col.INF_COUNT] == 5
+    assert got[3].tolist() == [0.0, 0.0, 0.0, INF, -INF, 0.0, 40.0, 0.0]
+    assert got[4].tolist() == [0.0, 0.0, 0.0, INF, -INF, 0.0, 0.0, 40.0]
+    assert got[6].tolist() == [6.25 + 49.0, 4.5, 7.0, -2.5, 7.0, 1.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zeros_empty_and_single(dtype: torch.dtype) -> None:
+    grads = [
+        torch.zeros(3000, dtype=dtype),
+        torch.tensor([0.0, -0.0, 0.0], dtype=dtype),
+        torch.zeros(0, dtype=dtype),
+        torch.zeros(0, 5, dtype=dtype),
+        torch.tensor([-3.0], dtype=dtype),
+        torch.tensor([NAN], dtype=dtype),
+        torch.tensor(2.0, dtype=dtype),  # 0-d
+    ]
+    got = assert_matches(grads)
+    assert got[0].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 3000.0, 0.0, 0.0]
+    identity = [0.0, 0.0, 0.0, INF, -INF, 0.0, 0.0, 0.0]
+    assert got[2].tolist() == identity and got[3].tolist() == identity
+    assert got[4].tolist() == [9.0, -3.0, 3.0, -3.0, -3.0, 0.0, 0.0, 0.0]
+    assert got[5].tolist() == [0.0, 0.0, 0.0, INF, -INF, 0.0, 1.0, 0.0]
+
+
+def test_empty_list() -> None:
+    out = cpu.compute_partials([])
+    assert out.shape == (0, NCOLS)
+
+
+@pytest.mark.parametrize("n", BOUNDARY_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_boundary_sizes(n: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(n)
+    clean = torch.randn(n).to(dtype)
+    dirty = clean.clone()
+    dirty[-1] = NAN  # lands in the last (often partial) block: the careful path's tail
+    if n > 2:
+        dirty[n // 2] = -INF
+        dirty[0] = 0.0
+    assert_matches([clean, dirty])
+
+
+def test_many_small_tensors_mixed_dtypes() -> None:
+    gen = torch.Generator().manual_seed(2)
+    grads = []
+    for i in range(300):
+        n = int(torch.randint(0, 50, (1,), generator=gen))
+        x = torch.randn(n, generator=gen)
+        if n and i % 7 == 0:
+            x[int(torch.randint(0, n, (1,), generator=gen))] = NAN
+        if n and i % 11 == 0:
+            x[int(torch.randint(0, n, (1,), generator=gen))] = -INF
+        grads.append(x.to(DTYPES[i % len(DTYPES)]))
+    assert_matches(grads)
+
+
+def test_large_finite_values_do_not_overflow() -> None:
+    half = torch.tensor([300.0, 60000.0, -60000.0, 65504.0, -300.0] * 100, dtype=torch.float16)
+    bf = torch.tensor([3e38, -3e38, 1e30] * 100, dtype=torch.bfloat16)
+    big32 = torch.full((5000,), 1e20, dtype=torch.float32)  # x*x overflows fp32
+    huge32 = torch.tensor([3e38, 3e38, -1e38] * 1000, dtype=torch.float32)  # x overflows a sum
+    got = assert_matches([half, bf, big32, huge32])
+    assert got[0, Col.SUM_SQ] == 100 * (2 * 300.0**2 + 2 * 60000.0**2 + 65504.0**2)
+    assert math.isfinite(float(got[1, Col.SUM_SQ]))
+    assert float(got[2, Col.SUM_SQ]) == pytest.approx(5000 * float(big32[0]) ** 2, rel=1e-12)
+    assert float(got[3, Col.SUM]) == pytest.approx(1000 * (6e38 - 1e38), rel=1e-6)
+
+
+def test_float64_overflow_matches_reference() -> None:
+    # Squares of 1e200 overflow float64 itself; the oracle reports inf and so do we.
+    assert_matches([torch.tensor([1e200, 2.0, -1e200], dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_subnormals(dtype: torch.dtype) -> None:
+    info = torch.finfo(dtype)
+    tiny = info.smallest_normal
+    # Every fp16 bit pattern with a zero exponent field (the subnormals), plus a few normals.
+    vals = [tiny / 2, -tiny / 4, tiny * 0.75, tiny, -tiny, 0.0]
+    x = torch.tensor(vals * 50, dtype=dtype)
+    if dtype == torch.float16:
+        sub = torch.arange(1, 1024, dtype=torch.int16).view(torch.float16)
+        x = torch.cat([x, sub, -sub])
+    got = assert_matches([x])
+    assert got[0, Col.ZERO_COUNT] == 50  # a subnormal is not zero
+
+
+def test_float16_every_bit_pattern() -> None:
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    got = assert_matches([x])
+    assert got[0, Col.NAN_COUNT] == 2 * 1023 and got[0, Col.INF_COUNT] == 2
+    assert got[0, Col.ZERO_COUNT] == 2  # +0 and -0
+
+
+def test_non_contiguous_2d_and_neg_view() -> None:
+    torch.manual_seed(3)
+    base = torch.randn(300, 70)
+    t = base.t()
+    assert not t.is_contiguous()
+    sliced = base[::3, 5:9]
+    neg = torch._neg_view(base[:10])
+    assert neg.is_neg()
+    got = assert_matches([base, t, sliced, neg])
+    assert torch.equal(got[0, EXACT_COLS], got[1, EXACT_COLS])  # sums differ in order only
+    assert float(got[3, Col.SUM]) == pytest.approx(-float(base[:10].double().sum()), rel=1e-12)
+
+
+def test_requires_grad_parameter() -> None:
+    p = torch.nn.Parameter(torch.randn(64, 8))
+    assert_matches([p])
+
+
+def test_out_argument() -> None:
+    grads = [torch.randn(100), torch.randn(7, dtype=torch.float64)]
+    out = torch.full((2, NCOLS), -1.0, dtype=torch.float64)
+    assert cpu.compute_partials(grads, out=out) is out
+    assert_matches(grads, got=out)
+    for bad in (
+        torch.empty(3, NCOLS, dtype=torch.float64),
+        torch.empty(2, NCOLS, dtype=torch.float32),
+        torch.empty(NCOLS, 2, dtype=torch.float64).t(),
+    ):
+        with pytest.raises(ValueError, match="out must be"):
+            cpu.compute_partials(grads, out=bad)
+
+
+def test_deterministic_and_thread_count_independent() -> None:
+    torch.manual_seed(4)
+    grads = [torch.randn(1_000_003), torch.randn(300_000).half(), torch.randn(5), torch.randn(70_001)]
+    grads[0][123_456] = NAN
+    first = cpu.compute_partials(grads)
+    assert torch.equal(first, cpu.compute_partials(grads))
+    for nthreads in (1, 2, 3, 8):
+        assert torch.equal(first, cpu.compute_partials(grads, nthreads=nthreads))
+    assert_matches(grads, got=first)
+
+
+def test_fp32_sum_sq_is_accurate_at_20m() -> None:
+    torch.manual_seed(5)
+    x = torch.randn(20_000_000)
+    got = cpu.compute_partials([x])
+    xd = x.double()
+    want_sq = float(xd.square().sum())
+    assert float(got[0, Col.SUM_SQ]) == pytest.approx(want_sq, rel=1e-6)
+    assert float(got[0, Col.SUM]) == pytest.approx(float(xd.sum()), abs=1e-9 * want_sq)
+    assert float(got[0, Col.ABS_MAX]) == float(x.abs().max())
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.complex64, torch.int32, torch.int64, torch.int8, torch.uint8, torch.bool]
+)
+def test_unsupported_dtype_raises(dtype: torch.dtype) -> None:
+    with pytest.raises(TypeError, match=str(dtype)):
+        cpu.compute_partials([torch.randn(4), torch.zeros(3, dtype=dtype)])
+
+
+def test_non_cpu_tensor_raises() -> None:
+    with pytest.raises(ValueError, match="CPU"):
+        cpu.compute_partials([torch.empty(3, device="meta")])
+
+
+def test_kernel_validates_its_arguments() -> None:
+    kernel = cpu._kernel
+    assert kernel is not None
+    x = torch.randn(4)
+    out = torch.empty(1, NCOLS, dtype=torch.float64)
+    with pytest.raises(ValueError, match="equal lengths"):
+        kernel.compute([x.data_ptr()], [4, 4], [0], out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="bad entry"):
+        kernel.compute([x.data_ptr()], [4], [9], out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="bad entry"):
+        kernel.compute([x.data_ptr()], [-1], [0], out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="bad entry"):
+        kernel.compute([0], [4], [0], out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="out_ptr"):
+        kernel.compute([x.data_ptr()], [4], [0], 0, 1)
+    with pytest.raises(TypeError):
+        kernel.compute(None, [4], [0], out.data_ptr(), 1)
+
+
+def test_unavailable_kernel_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "_kernel", None)
+    assert not cpu.available()
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu.compute_partials([torch.randn(3)])
