@@ -127,6 +127,10 @@ class Monitor:
                 layer_names.append(layer)
             self._layer_of.append(len(layer_names) - 1)
         self._layer_names = layer_names
+        self._layer_members: list[list[int]] = [[] for _ in layer_names]
+        for i, layer_index in enumerate(self._layer_of):
+            self._layer_members[layer_index].append(i)
+        self._numels = [p.numel() for _, p in named]
         self._exported_layers = layer_names[: cfg.exporter.max_layers]
         if len(layer_names) > cfg.exporter.max_layers:
             log.warning(
@@ -238,11 +242,12 @@ class Monitor:
                 # Runs once per parameter per backward: a list store, nothing else.
                 received[index] = True
 
-            self._handles.append(param.register_post_accumulate_grad_hook(on_grad))
+            handle = param.register_post_accumulate_grad_hook(on_grad)  # type: ignore[no-untyped-call]
+            self._handles.append(handle)
 
         if optimizer is not None:
 
-            @torch.compiler.disable  # type: ignore[misc]
+            @torch.compiler.disable  # type: ignore[untyped-decorator]
             def on_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
                 mon = me()
                 if mon is not None:
@@ -339,7 +344,7 @@ class Monitor:
                 # event has completed, never waited for on the training thread.
                 staging = torch.empty(block.shape, dtype=torch.float64, pin_memory=True)
                 staging.copy_(block, non_blocking=True)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record(torch.cuda.current_stream(device))
                 events.append(event)
                 block = staging
@@ -371,7 +376,7 @@ class Monitor:
             if wait:
                 for event in entry.events:
                     event.synchronize()  # sync-ok: only from snapshot(wait=True)
-            elif not all(event.query() for event in entry.events):
+            elif not all(event.query() for event in entry.events):  # type: ignore[no-untyped-call]
                 return
             self._pending.pop(0)
             table = torch.zeros((len(entry.fresh), NCOLS + 1), dtype=torch.float64)
@@ -384,18 +389,15 @@ class Monitor:
     ) -> None:
         with self._guard("publish"):
             rows = table.tolist()  # sync-ok: a host tensor by now
-            by_layer: list[list[int]] = [[] for _ in self._layer_names]
-            for i, layer in enumerate(self._layer_of):
-                by_layer[layer].append(i)
             layers: dict[str, LayerStats] = {}
-            for layer, members in zip(self._layer_names, by_layer, strict=True):
+            for name, members in zip(self._layer_names, self._layer_members, strict=True):
                 got = [i for i in members if fresh[i]]
                 param_sq = sum(rows[i][NCOLS] for i in members)
-                numel = sum(self._numel(i) for i in (got or members))
+                numel = sum(self._numels[i] for i in (got or members))
                 if got:
-                    layers[layer] = finalize_layer([rows[i] for i in got], numel, param_sq, True)
+                    layers[name] = finalize_layer([rows[i] for i in got], numel, param_sq, True)
                 else:
-                    layers[layer] = no_grad_layer(numel, param_sq)
+                    layers[name] = no_grad_layer(numel, param_sq)
             norm = global_norm(layers)
             anomalies = self._health.evaluate(step, layers, norm)
             nonfinite = any(s.nan_count or s.inf_count for s in layers.values())
@@ -422,10 +424,6 @@ class Monitor:
                 self._duration_hist.observe(time.perf_counter() - started)
             for a in anomalies:
                 log.debug("gradmon: step %d %s %s (%.3g)", step, a.kind, a.layer, a.value)
-
-    def _numel(self, index: int) -> int:
-        p = self._param_refs[index]()
-        return 0 if p is None else p.numel()
 
     @contextlib.contextmanager
     def _guard(self, stage: str) -> Iterator[None]:

@@ -23,6 +23,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2, DT_F64 = 3, DT_COUNT = 4 };
@@ -36,12 +37,13 @@ enum { C_SUMSQ, C_SUM, C_ABSMAX, C_MIN, C_MAX, C_ZERO, C_NAN, C_INF, NCOLS };
 #define MIN_PARALLEL ((int64_t)1 << 18) /* below this many elements threads cost more */
 #define MAX_THREADS 64
 
-/* Runtime ISA dispatch: the whole per-item routine is compiled twice on x86-64 ELF, once
- * for the baseline and once for x86-64-v3 (AVX2); the loader picks one. -std=c11 turns
- * off FP contraction, so both clones perform the same IEEE operations and agree bitwise. */
+/* Runtime ISA dispatch: the per-item routine is compiled for AVX-512 (x86-64-v4), AVX2
+ * (x86-64-v3) and the baseline on x86-64 ELF; the loader picks the best at startup.
+ * -std=c11 turns off FP contraction, so all clones do the same IEEE operations in the same
+ * lanes and agree bitwise. Other platforms get the baseline compiler output. */
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__) && !defined(__clang__)
 #ifndef CLONES
-#define CLONES "arch=x86-64-v3", "default"
+#define CLONES "arch=x86-64-v4", "arch=x86-64-v3", "default"
 #endif
 #define MULTIVERSION __attribute__((target_clones(CLONES)))
 #else
@@ -186,33 +188,77 @@ MULTIVERSION static void run_item(item_t *it) {
     }
 }
 
+/* One call's work queue. Spawned threads are detached and share it by reference count, so
+ * the caller never waits for a thread the OS has not scheduled yet (on a busy machine
+ * that wait is a whole scheduler slice): once every item is claimed, the caller waits
+ * only for items in flight, and a late thread finds the queue empty and just leaves. */
 typedef struct {
     item_t *items;
     int64_t nitems;
-    atomic_llong next; /* next unclaimed item */
+    atomic_llong next, done; /* items claimed, items finished */
+    atomic_int refs;
+    pthread_mutex_t mu;
+    pthread_cond_t all_done;
 } queue_t;
 
-/* Items are claimed one at a time from a shared counter rather than split up front: when
- * another process holds a core, the threads that do run take over its share instead of
- * waiting for it. Which thread runs an item never changes the item's partial. */
-static void *run_queue(void *arg) {
-    queue_t *q = (queue_t *)arg;
-    for (;;) {
-        int64_t k = atomic_fetch_add_explicit(&q->next, 1, memory_order_relaxed);
-        if (k >= q->nitems) return NULL;
-        run_item(&q->items[k]);
+static void queue_release(queue_t *q) {
+    if (atomic_fetch_sub(&q->refs, 1) == 1) {
+        pthread_mutex_destroy(&q->mu);
+        pthread_cond_destroy(&q->all_done);
+        free(q);
     }
 }
 
-/* The calling thread works too; a thread that cannot be created is simply not needed. */
+/* Items are claimed one at a time, so threads that do run take over the share of one that
+ * does not. Which thread runs an item never changes the item's partial. */
+static void *run_queue(void *arg) {
+    queue_t *q = (queue_t *)arg;
+    for (;;) {
+        int64_t k = atomic_fetch_add(&q->next, 1);
+        if (k >= q->nitems) break;
+        run_item(&q->items[k]);
+        if (atomic_fetch_add(&q->done, 1) + 1 == q->nitems) {
+            pthread_mutex_lock(&q->mu);
+            pthread_cond_broadcast(&q->all_done);
+            pthread_mutex_unlock(&q->mu);
+        }
+    }
+    queue_release(q);
+    return NULL;
+}
+
+/* The caller's thread works too; a thread that cannot be created is simply not needed. */
 static void run_all(item_t *items, int64_t nitems, int nthreads) {
-    queue_t q = {items, nitems, 0};
-    pthread_t tid[MAX_THREADS];
-    int started = 0;
-    while (started < nthreads - 1 && pthread_create(&tid[started], NULL, run_queue, &q) == 0)
-        started++;
-    run_queue(&q);
-    for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+    queue_t *q = nthreads > 1 ? malloc(sizeof *q) : NULL;
+    if (!q) {
+        for (int64_t k = 0; k < nitems; k++) run_item(&items[k]);
+        return;
+    }
+    q->items = items;
+    q->nitems = nitems;
+    atomic_init(&q->next, 0);
+    atomic_init(&q->done, 0);
+    atomic_init(&q->refs, 1);
+    pthread_mutex_init(&q->mu, NULL);
+    pthread_cond_init(&q->all_done, NULL);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    for (int t = 1; t < nthreads; t++) {
+        pthread_t tid;
+        atomic_fetch_add(&q->refs, 1);
+        if (pthread_create(&tid, &attr, run_queue, q) != 0) {
+            atomic_fetch_sub(&q->refs, 1);
+            break;
+        }
+    }
+    pthread_attr_destroy(&attr);
+    atomic_fetch_add(&q->refs, 1); /* run_queue drops one reference; keep ours */
+    run_queue(q);
+    pthread_mutex_lock(&q->mu);
+    while (atomic_load(&q->done) < nitems) pthread_cond_wait(&q->all_done, &q->mu);
+    pthread_mutex_unlock(&q->mu);
+    queue_release(q);
 }
 
 static PyObject *compute(PyObject *self, PyObject *args) {
