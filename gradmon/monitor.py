@@ -40,8 +40,15 @@ from gradmon.exporter import (
     scalar_value,
 )
 from gradmon.health import HealthRules
-from gradmon.snapshot import LayerStats, Snapshot, finalize_layer, global_norm, no_grad_layer
-from gradmon.stats import NCOLS, PartialsFn, select_backend
+from gradmon.snapshot import (
+    LayerStats,
+    Snapshot,
+    combine_rows,
+    finalize_layer,
+    global_norm,
+    no_grad_layer,
+)
+from gradmon.stats import NCOLS, PartialsFn, param_sum_squares, select_backend
 from gradmon.version import __version__
 
 log = logging.getLogger("gradmon")
@@ -334,10 +341,7 @@ class Monitor:
             grads = [params[i].grad for i in indices]  # type: ignore[union-attr]
             weights = [params[i] for i in indices]
             partials = backend(grads)  # type: ignore[arg-type]
-            # Parameter norms with float64 accumulation: one foreach kernel per group.
-            param_sq = torch.stack(
-                torch._foreach_norm(weights, 2, dtype=torch.float64)  # type: ignore[arg-type]
-            ).square()
+            param_sq = param_sum_squares(weights)  # type: ignore[arg-type]
             block = torch.cat([partials, param_sq.unsqueeze(1)], dim=1)
             if device.type != "cpu":
                 # Non-blocking copy into pinned memory behind an event: published once the
@@ -391,11 +395,20 @@ class Monitor:
             rows = table.tolist()  # sync-ok: a host tensor by now
             layers: dict[str, LayerStats] = {}
             for name, members in zip(self._layer_names, self._layer_members, strict=True):
+                if len(members) == 1:  # parameter granularity: no combining needed
+                    i = members[0]
+                    row = rows[i]
+                    if fresh[i]:
+                        layers[name] = finalize_layer(row, self._numels[i], row[NCOLS])
+                    else:
+                        layers[name] = no_grad_layer(self._numels[i], row[NCOLS])
+                    continue
                 got = [i for i in members if fresh[i]]
                 param_sq = sum(rows[i][NCOLS] for i in members)
                 numel = sum(self._numels[i] for i in (got or members))
                 if got:
-                    layers[name] = finalize_layer([rows[i] for i in got], numel, param_sq, True)
+                    row = combine_rows([rows[i] for i in got])
+                    layers[name] = finalize_layer(row, numel, param_sq)
                 else:
                     layers[name] = no_grad_layer(numel, param_sq)
             norm = global_norm(layers)

@@ -55,30 +55,36 @@ class Snapshot:
     skipped: bool = False  # the optimizer step was skipped (GradScaler found inf/NaN)
 
 
+def combine_rows(rows: Sequence[Sequence[float]]) -> list[float]:
+    """Combine partial rows (tensors of one module, shards, ranks): sums, mins and maxes."""
+    out = list(rows[0])
+    for r in rows[1:]:
+        for col in (Col.SUM_SQ, Col.SUM, Col.ZERO_COUNT, Col.NAN_COUNT, Col.INF_COUNT):
+            out[col] += r[col]
+        out[Col.ABS_MAX] = max(out[Col.ABS_MAX], r[Col.ABS_MAX])
+        out[Col.MIN] = min(out[Col.MIN], r[Col.MIN])
+        out[Col.MAX] = max(out[Col.MAX], r[Col.MAX])
+    return out
+
+
 def finalize_layer(
-    rows: Sequence[Sequence[float]], numel: int, param_sum_sq: float, received: bool
+    row: Sequence[float], numel: int, param_sum_sq: float, received: bool = True
 ) -> LayerStats:
-    """Combine the partial rows of the tensors that make up one layer into LayerStats."""
-    sum_sq = sum(r[Col.SUM_SQ] for r in rows)
-    total = sum(r[Col.SUM] for r in rows)
-    nan = int(sum(r[Col.NAN_COUNT] for r in rows))
-    inf = int(sum(r[Col.INF_COUNT] for r in rows))
-    zeros = sum(r[Col.ZERO_COUNT] for r in rows)
-    lo = min((r[Col.MIN] for r in rows), default=math.inf)
-    hi = max((r[Col.MAX] for r in rows), default=-math.inf)
+    """Final values of one layer from its (combined) partial row."""
+    sum_sq, total, abs_max, lo, hi, zeros, nan, inf = row[:8]
     finite = numel - nan - inf
     norm = math.sqrt(sum_sq)
     return LayerStats(
         numel=numel,
         norm=norm,
         rms=norm / math.sqrt(finite) if finite > 0 else 0.0,
-        abs_max=max((r[Col.ABS_MAX] for r in rows), default=0.0),
+        abs_max=abs_max,
         mean=total / finite if finite > 0 else 0.0,
         min=lo if finite > 0 else math.nan,
         max=hi if finite > 0 else math.nan,
         zero_ratio=zeros / numel if numel else 0.0,
-        nan_count=nan,
-        inf_count=inf,
+        nan_count=int(nan),
+        inf_count=int(inf),
         param_norm=math.sqrt(param_sum_sq),
         sum_squares=sum_sq,
         received=received,
