@@ -77,5 +77,5 @@ def param_sum_squares(params: Sequence[torch.Tensor]) -> torch.Tensor:
     tensors = [p.detach() for p in params]
     # fp16/bf16 norms come back in fp16/bf16 unless asked: 65504 would overflow fp16.
     wide = torch.float32 if tensors and tensors[0].element_size() < 4 else None
-    norms = torch._foreach_norm(tensors, 2, dtype=wide)  # type: ignore[arg-type]
+    norms = torch._foreach_norm(tensors, 2, dtype=wide)
     return torch.stack(norms).double().square()
