@@ -116,7 +116,8 @@ class Monitor:
                 f"not {type(scaler).__name__}"
             )
         self.config = cfg = load_config(config)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards what the exporter copies
+        self._publish_lock = threading.Lock()  # serialises publishing of pending collections
         self._closed = False
         self._handles: list[RemovableHandle] = []
 
@@ -374,19 +375,26 @@ class Monitor:
         return fresh
 
     def _publish_ready(self, wait: bool) -> None:
-        """Publish finished collections in order; CUDA ones only once their copy landed."""
-        while self._pending:
-            entry = self._pending[0]
-            if wait:
-                for event in entry.events:
-                    event.synchronize()  # sync-ok: only from snapshot(wait=True)
-            elif not all(event.query() for event in entry.events):  # type: ignore[no-untyped-call]
-                return
-            self._pending.pop(0)
-            table = torch.zeros((len(entry.fresh), NCOLS + 1), dtype=torch.float64)
-            for block, indices in entry.parts:
-                table[indices] = block
-            self._publish(entry.step, entry.skipped, entry.started, table, entry.fresh)
+        """Publish finished collections in order; CUDA ones only once their copy landed.
+
+        Runs on the training thread and on whoever calls snapshot(): serialised by a lock.
+        """
+        with self._publish_lock:
+            while self._pending:
+                entry = self._pending[0]
+                if wait:
+                    for event in entry.events:
+                        event.synchronize()  # sync-ok: only from snapshot(wait=True)
+                elif not all(event.query() for event in entry.events):  # type: ignore[no-untyped-call]
+                    return
+                self._pending.pop(0)
+                self._publish_entry(entry)
+
+    def _publish_entry(self, entry: _Pending) -> None:
+        table = torch.zeros((len(entry.fresh), NCOLS + 1), dtype=torch.float64)
+        for block, indices in entry.parts:
+            table[indices] = block
+        self._publish(entry.step, entry.skipped, entry.started, table, entry.fresh)
 
     def _publish(
         self, step: int, skipped: bool, started: float, table: torch.Tensor, fresh: list[bool]

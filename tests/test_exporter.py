@@ -159,3 +159,39 @@ def test_basic_auth_not_silently_ignored(net: SmallNet, tmp_path: object) -> Non
     cfg = {"exporter": {"port": 0, "basic_auth": {"username": "u"}}}
     with pytest.raises(GradmonError, match="exporter.basic_auth"):
         gradmon.attach(net, config=cfg)
+
+
+def test_scraping_while_training(net: SmallNet) -> None:
+    import threading
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    failures: list[BaseException] = []
+    seen_steps: list[float] = []
+    stop = threading.Event()
+    with gradmon.attach(net, opt, config=PORT0) as mon:
+        port = mon.port
+        assert port is not None
+
+        def scraper() -> None:
+            for _ in range(200):  # bounded, and stops with the training loop
+                if stop.is_set():
+                    return
+                try:
+                    fams = scrape(port)
+                    if "gradmon_step" in fams:
+                        seen_steps.append(fams["gradmon_step"].samples[0].value)
+                except BaseException as exc:  # noqa: BLE001 - collected for the assert
+                    failures.append(exc)
+
+        threads = [threading.Thread(target=scraper) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(30):
+            train_step(net, opt)
+            mon.snapshot(wait=True)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert mon._errors == dict.fromkeys(mon._errors, 0)
+    assert not failures
+    assert seen_steps, "no scrape saw a snapshot"
