@@ -12,15 +12,14 @@ from gradmon.errors import GradmonError
 def _demo(args: argparse.Namespace) -> int:
     from gradmon import demo
 
-    result = demo.run_demo(
+    result = demo.run_demo(  # prints its own summary at the end
         scenario=args.scenario,
         steps=args.steps,
         port=args.port,
         config=args.config,
         live=not args.no_live,
     )
-    print(demo.summary(result))
-    return 0
+    return 0 if result.steps else 1
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -29,6 +28,24 @@ def _config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"# effective gradmon config ({args.file} + GRADMON_* environment)")
     print(dump_config(config), end="")
+    return 0
+
+
+def _rules(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gradmon.config import load_config
+    from gradmon.rules import render
+
+    text = render(load_config(args.config), args.format)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise GradmonError(f"cannot write --output {args.output}: {reason}") from exc
     return 0
 
 
@@ -63,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="print the effective config or the errors")
     check.add_argument("file", help="a gradmon YAML config file")
     check.set_defaults(func=_config_check)
+
+    from gradmon.rules import FORMATS
+
+    rules = sub.add_parser("rules", help="Prometheus alert rules rendered from a config")
+    rules.add_argument("--config", default=None, help="a gradmon YAML config file")
+    rules.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="prometheus",
+        help="a Prometheus rules file, or a Kubernetes PrometheusRule",
+    )
+    rules.add_argument("--output", default=None, help="write here (default: stdout)")
+    rules.set_defaults(func=_rules)
 
     bench = sub.add_parser("bench", help="agent overhead on the reference model (CPU)")
     bench.add_argument("--steps", type=int, default=30, help="interleaved steps per variant")

@@ -1,24 +1,28 @@
 """`gradmon demo`: a real CPU training run with the agent attached.
 
 Every scenario is a small model trained for real; the faulty ones break through genuine
-training dynamics (a learning rate that is too high, a saturating activation, a corrupt
-sample, an over-strong penalty), never through gradients written by hand:
+training dynamics, never through gradients written by hand:
 
-- healthy:   a tiny Transformer learns to sort tokens with AdamW; no anomaly at all.
-- exploding: a deep ReLU MLP without normalization, plain SGD with a learning rate far
-             too high: the gradient norm grows step after step (exploding, spike).
-- vanishing: a deep stack of sigmoid layers: the gradient shrinks by ~4x or more per layer
-             on its way back, so the first layers get almost nothing (vanishing).
-- nonfinite: a healthy MLP fed a corrupt sample (a NaN feature) every so often; the loss
-             and every gradient become NaN. Like most training loops, the demo skips the
-             optimizer step when the loss is not finite, and calls `mon.collect()` so the
-             agent still sees those gradients (nonfinite).
-- dead:      an MLP with a side branch whose ReLU units carry an L1 activity penalty that
-             is far too strong: it drives every unit negative, after which the branch's
-             input layer gets exact-zero gradients forever (dead).
+- healthy:   a 2-layer Transformer learns to sort tokens with 10% label noise (AdamW,
+             warm-up, cosine decay). gradmon must report nothing at all.
+- exploding: an 8-layer tanh MLP without normalization, plain SGD at lr 2.0 (it trains at
+             0.1 and diverges from about 1.5): after ten calm steps every update
+             overshoots further, and the gradient norm grows by orders of magnitude
+             (spike, exploding). Then the tanh units saturate: where tanh is exactly +-1
+             its derivative is exactly 0, so the layers below get all-zero gradients
+             (dead) while the loss overflows to inf.
+- vanishing: an 8-layer sigmoid MLP: the gradient shrinks 4-8x per layer on its way
+             back, so the first three layers get an rms below 1e-7 (vanishing).
+- nonfinite: an MLP fed a corrupt sample (one NaN feature) at step 20 and every 100
+             steps after; the loss and every gradient become NaN. As most training loops
+             do, the demo skips the optimizer step when the loss is not finite, and calls
+             `mon.collect()` so the agent still sees those gradients (nonfinite).
+- dead:      an MLP with a ReLU side branch whose activity carries an L1 penalty that is
+             far too strong: it drives every unit below zero for every input, after which
+             the branch gets exactly zero gradient and never recovers (dead).
 
-`run_demo()` serves /metrics while it runs, shows a live view in a terminal, and returns
-what gradmon detected.
+`run_demo()` serves /metrics while it runs, shows a live view in a terminal (progress
+lines otherwise), prints a summary and returns what gradmon detected.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -44,12 +48,20 @@ from gradmon.config import read_yaml
 from gradmon.errors import GradmonError
 from gradmon.snapshot import ANOMALY_KINDS, Snapshot
 
-__all__ = ["SCENARIOS", "DemoResult", "run_demo", "summary"]
+__all__ = ["DEFAULT_STEPS", "DESCRIPTIONS", "SCENARIOS", "DemoResult", "run_demo", "summary"]
 
 SCENARIOS: tuple[str, ...] = ("healthy", "exploding", "vanishing", "nonfinite", "dead")
 
 REFRESH_SECONDS = 0.25  # live view: a few redraws per second, whatever the step rate
 PRINT_LINES = 10  # without a terminal: about this many progress lines per run
+
+DESCRIPTIONS: dict[str, str] = {
+    "healthy": "a 2-layer Transformer learns to sort 12 tokens (AdamW); expect no anomaly",
+    "exploding": "an 8-layer tanh MLP, plain SGD at lr 2.0, far too high; expect exploding, spike",
+    "vanishing": "an 8-layer sigmoid MLP; expect vanishing on the first layers",
+    "nonfinite": "an MLP fed a NaN feature at step 20 and every 100 steps; expect nonfinite",
+    "dead": "a ReLU side branch under a far too strong L1 penalty; expect dead",
+}
 
 
 @dataclass
@@ -75,7 +87,7 @@ class _Scenario:
     optimizer: torch.optim.Optimizer
     batch: Callable[[int], Batch]  # step -> (inputs, targets)
     loss: Callable[[Tensor, Tensor], Tensor]  # (inputs, targets) -> scalar loss
-    default_steps: int
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
 
 class _SortTransformer(nn.Module):
@@ -114,60 +126,86 @@ def _mlp(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
 
 
 def _regression_task(
-    gen: torch.Generator, n_in: int = 16, n_out: int = 4
+    gen: torch.Generator, pixels: bool = False, n_in: int = 16, n_out: int = 4
 ) -> Callable[[int], Batch]:
-    """A fixed random teacher y = tanh(x A) B: smooth, learnable, targets of order one."""
+    """A fixed random teacher y = tanh(x A) B: smooth, learnable, targets of order one.
+
+    Inputs are standard normal, or with pixels=True image-like intensities in [0, 1].
+    """
     a = torch.randn(n_in, 32, generator=gen) / math.sqrt(n_in)
     b = torch.randn(32, n_out, generator=gen) / math.sqrt(32)
 
     def batch(step: int) -> Batch:
+        if pixels:
+            x = torch.rand(128, n_in, generator=gen)
+            return x, torch.tanh((2 * x - 1) @ a) @ b
         x = torch.randn(128, n_in, generator=gen)
         return x, torch.tanh(x @ a) @ b
 
     return batch
 
 
-def _healthy(gen: torch.Generator) -> _Scenario:
-    vocab, length = 16, 10
+LABEL_NOISE = 0.1  # healthy: fraction of target tokens replaced by random ones
+
+
+def _healthy(gen: torch.Generator, steps: int) -> _Scenario:
+    vocab, length = 16, 12
     model = _SortTransformer(vocab, length)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    # The usual Transformer recipe: a short linear warm-up, then cosine decay to zero.
+    warmup = max(1, min(100, steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))),
+    )
 
     def batch(step: int) -> Batch:
         tokens = torch.randint(0, vocab, (64, length), generator=gen)
-        return tokens, tokens.sort(dim=1).values
+        target = tokens.sort(dim=1).values
+        # Label noise, as real data has: the loss keeps a floor (about 0.58 nats here)
+        # instead of going to zero. At zero loss the gradient norm becomes heavy-tailed
+        # (a rare wrong token gives 10-60x the median norm), which the spike rule flags.
+        noisy = torch.rand(target.shape, generator=gen) < LABEL_NOISE
+        random = torch.randint(0, vocab, target.shape, generator=gen)
+        return tokens, torch.where(noisy, random, target)
 
     def loss(tokens: Tensor, target: Tensor) -> Tensor:
         return nn.functional.cross_entropy(model(tokens).flatten(0, 1), target.flatten())
 
-    return _Scenario(model, opt, batch, loss, default_steps=600)
+    return _Scenario(model, opt, batch, loss, scheduler)
 
 
-def _exploding(gen: torch.Generator) -> _Scenario:
-    model = _mlp([16] + [64] * 8 + [4], nn.ReLU)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+def _exploding(gen: torch.Generator, steps: int) -> _Scenario:
+    # No normalization and plain SGD at lr 2.0: this net trains at 0.1 and diverges from
+    # about 1.5. Tanh rather than ReLU: a diverging deep ReLU net mostly switches its
+    # units off and calms down again, a tanh net keeps overshooting.
+    model = _mlp([16] + [64] * 8 + [4], nn.Tanh)
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
     task = _regression_task(gen)
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
         return nn.functional.mse_loss(model(x), y)
 
-    return _Scenario(model, opt, task, loss, default_steps=300)
+    return _Scenario(model, opt, task, loss)
 
 
-def _vanishing(gen: torch.Generator) -> _Scenario:
-    model = _mlp([16] + [32] * 16 + [4], nn.Sigmoid)
+def _vanishing(gen: torch.Generator, steps: int) -> _Scenario:
+    # sigmoid' <= 1/4 and PyTorch's default init gives |W| < 1: each layer scales the
+    # gradient down, and eight of them leave the first layers with almost nothing.
+    model = _mlp([16] + [32] * 8 + [4], nn.Sigmoid)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     task = _regression_task(gen)
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
         return nn.functional.mse_loss(model(x), y)
 
-    return _Scenario(model, opt, task, loss, default_steps=300)
+    return _Scenario(model, opt, task, loss)
 
 
 POISON_FIRST, POISON_EVERY = 20, 100  # nonfinite: steps whose batch holds a corrupt sample
 
 
-def _nonfinite(gen: torch.Generator) -> _Scenario:
+def _nonfinite(gen: torch.Generator, steps: int) -> _Scenario:
     model = _mlp([16, 64, 64, 4], nn.ReLU)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     task = _regression_task(gen)
@@ -181,7 +219,7 @@ def _nonfinite(gen: torch.Generator) -> _Scenario:
     def loss(x: Tensor, y: Tensor) -> Tensor:
         return nn.functional.mse_loss(model(x), y)
 
-    return _Scenario(model, opt, batch, loss, default_steps=300)
+    return _Scenario(model, opt, batch, loss)
 
 
 class _SideBranch(nn.Module):
@@ -201,19 +239,25 @@ class _SideBranch(nn.Module):
         return out
 
 
-def _dead(gen: torch.Generator) -> _Scenario:
+def _dead(gen: torch.Generator, steps: int) -> _Scenario:
     model = _SideBranch()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    task = _regression_task(gen)
-    penalty = 10.0  # meant to make the branch sparse; strong enough to switch it off
+    # Non-negative inputs: once a unit's weights and bias are all negative it is off for
+    # every possible input, its gradient is exactly zero, and nothing can revive it.
+    task = _regression_task(gen, pixels=True)
+    penalty = 3.0  # meant to make the branch sparse; far too strong, it switches it off
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
         return nn.functional.mse_loss(model(x), y) + penalty * model.activity
 
-    return _Scenario(model, opt, task, loss, default_steps=300)
+    return _Scenario(model, opt, task, loss)
 
 
-_BUILDERS: dict[str, Callable[[torch.Generator], _Scenario]] = {
+# Long enough to watch in a terminal: about a minute for healthy on two CPU cores; the
+# faulty scenarios show their condition within their first 30 steps.
+DEFAULT_STEPS = {"healthy": 5000, "exploding": 200, "vanishing": 300, "nonfinite": 300, "dead": 300}
+
+_BUILDERS: dict[str, Callable[[torch.Generator, int], _Scenario]] = {
     "healthy": _healthy,
     "exploding": _exploding,
     "vanishing": _vanishing,
@@ -252,16 +296,33 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class _Progress:
-    """What the live view and the progress lines show."""
+    """The run so far: what the live view and the progress lines show, and the tally of
+    health events that ends up in DemoResult."""
 
     scenario: str
     steps: int
     url: str | None
     step: int = 0
     loss: float = math.nan
+    initial_loss: float = math.nan
     snapshot: Snapshot | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    detected: dict[str, set[str]] = field(default_factory=dict)
+    first: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+
+    def record(self, step: int, loss: float, snap: Snapshot | None) -> None:
+        if step == 0:
+            self.initial_loss = loss
+        self.step, self.loss = step + 1, loss
+        # With collect.every_n_steps > 1 the same snapshot comes back for several steps:
+        # count its anomalies once.
+        if snap is not None and snap is not self.snapshot:
+            for a in snap.anomalies:
+                self.detected.setdefault(a.kind, set()).add(a.layer)
+                self.counts[a.kind] = self.counts.get(a.kind, 0) + 1
+                self.first.setdefault(a.kind, step)
+            self.snapshot = snap
 
     def line(self) -> str:
         norm = self.snapshot.global_norm if self.snapshot is not None else math.nan
@@ -272,38 +333,60 @@ class _Progress:
         )
 
     def render(self) -> Group:
+        snap = self.snapshot
+        norm = snap.global_norm if snap is not None else math.nan
         head = Table.grid(padding=(0, 2))
         head.add_row(
             Text(f"gradmon demo: {self.scenario}", style="bold"),
             f"step {self.step}/{self.steps}",
             f"{time.perf_counter() - self.started:.1f} s",
         )
-        snap = self.snapshot
-        norm = snap.global_norm if snap is not None else math.nan
         head.add_row(f"loss {self.loss:.4g}", f"global grad norm {norm:.4g}", "")
         head.add_row(f"metrics: {self.url or 'exporter disabled'}", "", "")
 
-        layers = Table(title="per-layer gradient norm", title_justify="left", expand=False)
+        layers = Table(title="per-layer gradient norm", title_justify="left")
         layers.add_column("smallest")
         layers.add_column("norm", justify="right")
         layers.add_column("largest")
         layers.add_column("norm", justify="right")
         if snap is not None:
-            ranked = sorted(
-                ((s.norm, name) for name, s in snap.layers.items() if s.received),
-                key=lambda item: item[0],
-            )
-            low, high = ranked[:3], ranked[::-1][:3]
-            for (lo_norm, lo_name), (hi_norm, hi_name) in zip(low, high, strict=False):
-                layers.add_row(lo_name, f"{lo_norm:.3g}", hi_name, f"{hi_norm:.3g}")
+            ranked = sorted((s.norm, name) for name, s in snap.layers.items() if s.received)
+            for (lo, lo_name), (hi, hi_name) in zip(ranked[:3], ranked[::-1][:3], strict=False):
+                layers.add_row(lo_name, f"{lo:.3g}", hi_name, f"{hi:.3g}")
 
         events = Table(title="health events so far", title_justify="left")
         events.add_column("kind")
         events.add_column("events", justify="right")
+        events.add_column("layers")
         for kind in ANOMALY_KINDS:
             n = self.counts.get(kind, 0)
-            events.add_row(kind, Text(str(n), style="bold red" if n else "green"))
-        return Group(head, layers, events)
+            names = sorted(self.detected.get(kind, ()))
+            shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+            events.add_row(kind, Text(str(n), style="bold red" if n else "green"), shown)
+        return Group(head, Text(DESCRIPTIONS[self.scenario], style="dim"), layers, events)
+
+
+def _train(
+    setup: _Scenario, mon: gradmon.Monitor, progress: _Progress, show: Callable[[bool], None]
+) -> None:
+    """The training loop, as a user would write it; show(final) after every step."""
+    for step in range(progress.steps):
+        x, y = setup.batch(step)
+        loss = setup.loss(x, y)
+        setup.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)
+        value = loss.item()  # sync-ok: a CPU run, and the loop branches on the value
+        if math.isfinite(value):
+            setup.optimizer.step()  # gradmon collects in its step pre-hook
+            if setup.scheduler is not None:
+                setup.scheduler.step()
+        else:
+            # Skip the update, as training loops do, but let gradmon see the NaN/Inf grads:
+            # without optimizer.step() its step hook does not run.
+            mon.collect(skipped=True)
+        mon.log(loss=value)
+        progress.record(step, value, mon.snapshot())
+        show(step + 1 == progress.steps)
 
 
 def run_demo(
@@ -317,98 +400,69 @@ def run_demo(
     """Train one scenario on the CPU with gradmon attached; return what it detected.
 
     steps: None for the scenario's default. port: where /metrics is served (0: any free
-    port). live: a live terminal view when stdout is a terminal, else progress lines.
+    port). config: a YAML path or a dict on top of the demo's settings. live: a live
+    terminal view when stdout is a terminal; otherwise (or live=False) progress lines.
     """
     if scenario not in _BUILDERS:
         raise GradmonError(f"unknown demo scenario {scenario!r}; choose one of {SCENARIOS}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise GradmonError(f"run_demo(steps=...) needs a positive int or None, not {steps!r}")
     merged = _config(port, config)
+    n_steps = steps if steps is not None else DEFAULT_STEPS[scenario]
 
-    # fork_rng: the demo seeds torch for a reproducible run without changing the caller's RNG.
+    # fork_rng: seed for a reproducible run without touching the caller's RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        setup = _BUILDERS[scenario](torch.Generator().manual_seed(seed))
-    n_steps = steps if steps is not None else setup.default_steps
+        setup = _BUILDERS[scenario](torch.Generator().manual_seed(seed), n_steps)
+        started = time.perf_counter()
+        mon = gradmon.attach(setup.model, setup.optimizer, config=merged)
+        try:
+            served = mon.port
+            addr = mon.config.exporter.addr
+            url = f"http://{addr}:{served}/metrics" if served is not None else None
+            progress = _Progress(scenario, n_steps, url)
+            if live and sys.stdout.isatty():
+                with Live(progress.render(), auto_refresh=False) as view:
+                    last = [0.0]
 
-    detected: dict[str, set[str]] = {}
-    counts: dict[str, int] = {}
-    first: dict[str, int] = {}
-    initial_loss = math.nan
-    console = Console()
-    use_live = live and sys.stdout.isatty()
-    print_every = max(1, n_steps // PRINT_LINES)
-    started = time.perf_counter()
+                    def redraw(final: bool) -> None:
+                        # Redraw a few times per second, not every step: a render (~4 ms)
+                        # costs more than a training step of the MLP scenarios.
+                        now = time.perf_counter()
+                        if final or now - last[0] >= REFRESH_SECONDS:
+                            view.update(progress.render(), refresh=True)
+                            last[0] = now
 
-    mon = gradmon.attach(setup.model, setup.optimizer, config=merged)
-    try:
-        served = mon.port
-        addr = mon.config.exporter.addr
-        url = f"http://{addr}:{served}/metrics" if served is not None else None
-        progress = _Progress(scenario, n_steps, url, counts=counts)
-        seen: Snapshot | None = None
-        with (
-            Live(progress.render(), console=console, auto_refresh=False, transient=False)
-            if use_live
-            else _nothing() as view
-        ):
-            last_draw = 0.0
-            for step in range(n_steps):
-                x, y = setup.batch(step)
-                loss = setup.loss(x, y)
-                setup.optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
-                value = loss.item()  # sync-ok: CPU demo, and the loop branches on it
-                if math.isfinite(value):
-                    setup.optimizer.step()  # gradmon collects in the step pre-hook
-                else:
-                    # Skip the update, as training loops do, but let gradmon see the grads.
-                    mon.collect()
-                mon.log(loss=value)
-                if step == 0:
-                    initial_loss = value
+                    _train(setup, mon, progress, redraw)
+            else:
+                print(
+                    f"gradmon demo '{scenario}': {DESCRIPTIONS[scenario]}; "
+                    f"metrics: {url or 'exporter disabled'}",
+                    flush=True,
+                )
+                every = max(1, n_steps // PRINT_LINES)
 
-                snap = mon.snapshot()
-                if snap is not None and snap is not seen:  # count each collection once
-                    seen = snap
-                    for a in snap.anomalies:
-                        detected.setdefault(a.kind, set()).add(a.layer)
-                        counts[a.kind] = counts.get(a.kind, 0) + 1
-                        first.setdefault(a.kind, step)
-                progress.step, progress.loss, progress.snapshot = step + 1, value, snap
+                def report(final: bool) -> None:
+                    if final or progress.step % every == 0:
+                        print(progress.line(), flush=True)
 
-                now = time.perf_counter()
-                if view is not None and (now - last_draw >= REFRESH_SECONDS or step + 1 == n_steps):
-                    view.update(progress.render(), refresh=True)
-                    last_draw = now
-                elif view is None and ((step + 1) % print_every == 0 or step + 1 == n_steps):
-                    console.print(progress.line(), highlight=False)
-    finally:
-        mon.close()
+                _train(setup, mon, progress, report)
+        finally:
+            mon.close()
 
     result = DemoResult(
         scenario=scenario,
         steps=n_steps,
-        detected=detected,
-        anomaly_counts=counts,
-        final_loss=value,
+        detected=progress.detected,
+        anomaly_counts=progress.counts,
+        final_loss=progress.loss,
         port=served,
         seconds=time.perf_counter() - started,
-        initial_loss=initial_loss,
-        first_detection=first,
+        initial_loss=progress.initial_loss,
+        first_detection=progress.first,
     )
-    console.print(summary(result), highlight=False)
+    print(summary(result), flush=True)
     return result
-
-
-class _nothing:
-    """A context manager yielding None: the live view's stand-in without a terminal."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def summary(result: DemoResult) -> str:

@@ -310,8 +310,12 @@ class Monitor:
                     self._collect(step, skipped=True)
             self._step_seen_since_update = False
 
-    def collect(self, step: int | None = None) -> None:
-        """Collect now, for loops that do not call optimizer.step() (or between steps)."""
+    def collect(self, step: int | None = None, *, skipped: bool = False) -> None:
+        """Collect now, for loops that do not call optimizer.step().
+
+        skipped=True: the training loop skipped optimizer.step() itself (e.g. the loss was
+        not finite); the step is counted as seen and skipped, and its grads are collected.
+        """
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise GradmonError(f"collect(step=...) needs an int or None, not {step!r}")
         if self._closed:
@@ -319,9 +323,11 @@ class Monitor:
         with self._guard("collect"):
             if step is None:
                 step = self._steps
-            if self._optimizer_ref is None:
+            if self._optimizer_ref is None or skipped:
                 self._steps += 1
-            self._collect(step, skipped=False)
+            if skipped:
+                self._skipped_steps += 1
+            self._collect(step, skipped=skipped)
 
     def _collect(self, step: int, skipped: bool) -> None:
         started = time.perf_counter()

@@ -298,3 +298,16 @@ def test_grad_scaler_skipped_steps_are_counted(net: SmallNet) -> None:
         assert mon._export_state().loss_scale == 2.0**7
         assert unscaled < 100  # statistics of unscaled grads, not x256
     assert "update" not in scaler.__dict__  # close() restored the scaler
+
+
+def test_collect_skipped_counts_a_skipped_step(net: SmallNet) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with gradmon.attach(net, opt, config=NO_SERVER) as mon:
+        train_step(net, opt)
+        opt.zero_grad()
+        net(torch.randn(2, 8)).sum().backward()
+        mon.collect(skipped=True)  # the loop skipped optimizer.step() itself
+        train_step(net, opt)
+        snap = mon.snapshot()
+        assert snap is not None and snap.step == 2
+        assert (mon._steps, mon._skipped_steps, mon._collections) == (3, 1, 3)
