@@ -26,8 +26,8 @@ setup(
         Extension(
             "gradmon.stats._cpu_kernel",
             sources=["gradmon/stats/_cpu_kernel.c"],
-            extra_compile_args=["-O3", "-std=c11", "-fno-math-errno"],
-            extra_link_args=["-lpthread"],
+            extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-ffp-contract=fast"],
+            extra_link_args=["-lpthread", "-lm"],
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt},

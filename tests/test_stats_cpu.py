@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -14,8 +17,9 @@ pytestmark = pytest.mark.skipif(not cpu.available(), reason="C kernel not built"
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 NAN, INF = float("nan"), float("inf")
-# Sizes around the kernel's lane (16), block (2048) and work-item (65536) boundaries.
-BOUNDARY_SIZES = [1, 15, 16, 17, 2047, 2048, 2049, 4095, 4096, 4097, 65535, 65536, 65537, 131073]
+# Sizes around the kernel's lane (16 double / 32 float), block (4096) and work-item (65536)
+# boundaries.
+BOUNDARY_SIZES = [1, 15, 16, 17, 31, 32, 33, 4095, 4096, 4097, 8193, 65535, 65536, 65537, 131073]
 EXACT_COLS = [Col.ABS_MAX, Col.MIN, Col.MAX, Col.ZERO_COUNT, Col.NAN_COUNT, Col.INF_COUNT]
 
 
@@ -111,6 +115,16 @@ def test_boundary_sizes(n: int, dtype: torch.dtype) -> None:
     assert_matches([clean, dirty])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_dirty_blocks_between_clean_ones(dtype: torch.dtype) -> None:
+    # After a block with NaN/Inf the kernel stays on its careful path until a clean block.
+    torch.manual_seed(6)
+    x = torch.randn(6 * 4096 + 5)
+    x[[0, 4096 + 7, 3 * 4096 + 100, 6 * 4096 + 4]] = torch.tensor([NAN, INF, -INF, NAN])
+    got = assert_matches([x.to(dtype)])
+    assert got[0, Col.NAN_COUNT] == 2 and got[0, Col.INF_COUNT] == 2
+
+
 def test_many_small_tensors_mixed_dtypes() -> None:
     gen = torch.Generator().manual_seed(2)
     grads = []
@@ -197,13 +211,44 @@ def test_out_argument() -> None:
 
 def test_deterministic_and_thread_count_independent() -> None:
     torch.manual_seed(4)
-    grads = [torch.randn(1_000_003), torch.randn(300_000).half(), torch.randn(5), torch.randn(70_001)]
+    grads = [
+        torch.randn(1_000_003),
+        torch.randn(300_000).half(),
+        torch.randn(5),
+        torch.randn(70_001),
+    ]
     grads[0][123_456] = NAN
     first = cpu.compute_partials(grads)
     assert torch.equal(first, cpu.compute_partials(grads))
     for nthreads in (1, 2, 3, 8):
         assert torch.equal(first, cpu.compute_partials(grads, nthreads=nthreads))
     assert_matches(grads, got=first)
+
+
+def test_concurrent_calls_agree() -> None:
+    # Python threads calling at once (the GIL is released): one uses the helper pool,
+    # the others run on their own thread; every result must be the same.
+    torch.manual_seed(7)
+    grads = [torch.randn(700_001), torch.randn(300_000)]
+    want = cpu.compute_partials(grads)
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: cpu.compute_partials(grads, nthreads=2), range(16)))
+    for got in results:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_works_in_forked_child() -> None:
+    grads = [torch.randn(1_000_000)]
+    want = cpu.compute_partials(grads, nthreads=2)  # starts the helper pool in the parent
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(_partials_in_child, (grads,))
+    assert torch.equal(got, want)
+
+
+def _partials_in_child(grads: list[torch.Tensor]) -> torch.Tensor:
+    return cpu.compute_partials(grads, nthreads=2)
 
 
 def test_fp32_sum_sq_is_accurate_at_20m() -> None:

@@ -41,6 +41,13 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
 _CODES: dict[torch.dtype, int] = {dt: code for code, dt in enumerate(SUPPORTED_DTYPES)}
 
 
+def _flatten(g: torch.Tensor) -> torch.Tensor:
+    """A contiguous, sign-resolved copy (a negative view's data_ptr holds -x)."""
+    if not g.is_cpu or g.layout != torch.strided:
+        raise ValueError(f"expected a strided CPU tensor, got {g.device} {g.layout}")
+    return g.resolve_neg().contiguous()
+
+
 def available() -> bool:
     """True when the compiled kernel could be imported."""
     return _kernel is not None
@@ -72,23 +79,23 @@ def compute_partials(
         or not out.is_contiguous()
     ):
         raise ValueError(f"out must be a contiguous float64 CPU tensor of shape [{n}, {NCOLS}]")
-    ptrs: list[int] = []
-    numels: list[int] = []
-    codes: list[int] = []
-    keep: list[torch.Tensor] = []  # contiguous copies must outlive the kernel call
-    codes_get = _CODES.get
-    for g in grads:
-        code = codes_get(g.dtype)
-        if code is None:
-            raise TypeError(f"gradmon CPU kernel does not support dtype {g.dtype}")
-        if not g.is_cpu or g.layout != torch.strided:
-            raise ValueError(f"expected a strided CPU tensor, got {g.device} {g.layout}")
-        if g.is_neg() or not g.is_contiguous():
-            g = g.resolve_neg().contiguous()
-            keep.append(g)
-        ptrs.append(g.data_ptr())
-        numels.append(g.numel())
-        codes.append(code)
+    # Comprehensions, not one loop with appends: this per-tensor overhead (~0.4 us each)
+    # is a visible share of the call next to a ~0.5 ms kernel.
+    try:
+        codes = [_CODES[g.dtype] for g in grads]
+    except KeyError:
+        bad = next(g.dtype for g in grads if g.dtype not in _CODES)
+        raise TypeError(f"gradmon CPU kernel does not support dtype {bad}") from None
+    strided = torch.strided
+    # `flat` also keeps any contiguous copy alive until the kernel returns.
+    flat = [
+        g
+        if g.is_cpu and g.layout is strided and g.is_contiguous() and not g.is_neg()
+        else _flatten(g)
+        for g in grads
+    ]
+    ptrs = [g.data_ptr() for g in flat]
+    numels = [g.numel() for g in flat]
     threads = torch.get_num_threads() if nthreads is None else nthreads
     _kernel.compute(ptrs, numels, codes, out.data_ptr(), threads)
     return out
