@@ -1,0 +1,453 @@
+"""Prometheus alerting and recording rules, rendered from the agent's config.
+
+One source, two formats: a plain Prometheus rules file (`prometheus`) and a Kubernetes
+`PrometheusRule` (`k8s`). The thresholds are `Config.health`, the values the agent's own
+health rules use, interpolated into every expression (the monitoring-mixin way); windows,
+`for` durations and selectors are `RuleOptions` fields.
+
+PromQL facts the expressions are built on:
+- NaN compares false, so NaN/Inf is detected from counters, never from a gauge's value;
+- gauges hold the latest snapshot only, so persistent conditions use gauges with `for`
+  (they keep firing while the condition lasts), and a spike is judged against a median
+  taken *before* the window that holds the spike (a lagged baseline the spike cannot
+  inflate);
+- every gradmon_* series of a run carries the run's target labels; ranks of one run are
+  combined with `by (namespace, job)` (`RuleOptions.run_labels`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any, Literal, get_args
+
+import yaml
+
+from gradmon.config import Config
+from gradmon.errors import GradmonError
+from gradmon.exporter import GLOBAL_NORM_BUCKETS
+
+__all__ = [
+    "ALERT_NAMES",
+    "FORMATS",
+    "RUNBOOK_URL",
+    "Format",
+    "RuleOptions",
+    "alert_rules",
+    "groups",
+    "recording_rules",
+    "render",
+]
+
+Format = Literal["prometheus", "k8s"]
+FORMATS: tuple[str, ...] = get_args(Format)
+
+RUNBOOK_URL = "https://github.com/gradmon/gradmon/blob/main/docs/runbook.md"
+
+ALERT_NAMES = (
+    "GradmonTargetDown",
+    "GradmonTrainingStalled",
+    "GradmonNonFiniteGradients",
+    "GradmonExplodingGradients",
+    "GradmonVanishingGradients",
+    "GradmonGradNormSpike",
+    "GradmonDeadLayer",
+    "GradmonLossScaleCollapse",
+)
+
+# The widest ratio between neighbouring bounds of the global-norm histogram (half-decade
+# buckets, so ~3.16), rounded up: histogram_quantile(1, ...) is the upper bound of the
+# bucket that holds the largest observation, and dividing by this ratio gives a value
+# that is never above that observation (a lower bound, so no false spike).
+NORM_BUCKET_RATIO = math.ceil(1000 * max(b / a for a, b in pairwise(GLOBAL_NORM_BUCKETS))) / 1000
+
+_DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """Everything the rules need besides `Config.health`: selectors, windows, `for`s.
+
+    Durations are Prometheus durations ("30s", "5m", "1h30m").
+    """
+
+    # `up` is the one series not from the agent: this selects the agent's scrape jobs.
+    job_selector: str = 'job=~"gradmon.*"'
+    # Labels that identify one training run; its ranks (instance, pod, rank) are combined.
+    run_labels: tuple[str, ...] = ("namespace", "job")
+    runbook_url: str = RUNBOOK_URL
+    target_down_for: str = "5m"
+    stalled_window: str = "10m"  # no optimizer step in this window: stalled
+    stalled_for: str = "5m"
+    nonfinite_window: str = "5m"
+    nonfinite_for: str = "1m"
+    # Without a GradScaler: a loop that skips (mon.collect(skipped=True)) more than this
+    # fraction of its steps is not training.
+    nonfinite_max_skipped_ratio: float = 0.5
+    exploding_window: str = "2m"  # max_over_time: one healthy scrape must not reset `for`
+    exploding_for: str = "5m"
+    vanishing_for: str = "15m"
+    dead_for: str = "15m"
+    spike_window: str = "5m"  # the recent window judged ...
+    spike_baseline: str = "30m"  # ... against the median of this window, which ends
+    spike_baseline_offset: str = "5m"  # this long ago (>= spike_window: no overlap)
+    spike_for: str = "1m"
+    loss_scale_floor: float = 1.0
+    loss_scale_max_halvings: int = 10  # net halvings below the recent maximum
+    loss_scale_window: str = "30m"
+    loss_scale_for: str = "5m"
+    k8s_name: str = "gradmon"
+    # kube-prometheus-stack's Prometheus selects PrometheusRules (and PodMonitors) whose
+    # `release` label is the Helm release name; "kube-prometheus-stack" is the usual one.
+    k8s_labels: dict[str, str] = field(
+        default_factory=lambda: {
+            "app.kubernetes.io/name": "gradmon",
+            "release": "kube-prometheus-stack",
+        }
+    )
+
+    def __post_init__(self) -> None:
+        for name in (
+            "target_down_for",
+            "stalled_window",
+            "stalled_for",
+            "nonfinite_window",
+            "nonfinite_for",
+            "exploding_window",
+            "exploding_for",
+            "vanishing_for",
+            "dead_for",
+            "spike_window",
+            "spike_baseline",
+            "spike_baseline_offset",
+            "spike_for",
+            "loss_scale_window",
+            "loss_scale_for",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _DURATION.match(value):
+                raise GradmonError(
+                    f"RuleOptions.{name}: {value!r} is not a Prometheus duration "
+                    "(allowed: e.g. '30s', '5m', '1h30m')"
+                )
+        if _seconds(self.spike_window) > _seconds(self.spike_baseline_offset):
+            raise GradmonError(
+                f"RuleOptions.spike_window {self.spike_window!r} is longer than "
+                f"spike_baseline_offset {self.spike_baseline_offset!r}: the baseline would "
+                "hold the spike it is judged against"
+            )
+        if not self.run_labels or not all(_LABEL.match(x) for x in self.run_labels):
+            raise GradmonError(
+                f"RuleOptions.run_labels: {self.run_labels!r} must be one or more label names"
+            )
+        if not (math.isfinite(self.loss_scale_floor) and self.loss_scale_floor > 0):
+            raise GradmonError(
+                f"RuleOptions.loss_scale_floor: {self.loss_scale_floor!r} must be finite and > 0"
+            )
+        if not 0 < self.nonfinite_max_skipped_ratio < 1:
+            raise GradmonError(
+                "RuleOptions.nonfinite_max_skipped_ratio: "
+                f"{self.nonfinite_max_skipped_ratio!r} must be in (0, 1)"
+            )
+        if self.loss_scale_max_halvings < 1:
+            raise GradmonError(
+                f"RuleOptions.loss_scale_max_halvings: {self.loss_scale_max_halvings!r} "
+                "must be >= 1"
+            )
+
+
+def _seconds(duration: str) -> float:
+    return sum(
+        int(n) * _UNIT_SECONDS[unit]
+        for n, unit in re.findall(r"([0-9]+)(ms|s|m|h|d|w|y)", duration)
+    )
+
+
+def _num(value: float, name: str) -> str:
+    """A PromQL number literal that round-trips (repr: 1e-07, 1000.0)."""
+    if not math.isfinite(value):
+        raise GradmonError(f"{name}: {value!r} cannot go into an alert rule; use a finite number")
+    return repr(float(value))
+
+
+def recording_rules(options: RuleOptions | None = None) -> list[dict[str, Any]]:
+    """Cross-rank combinations and rates, for dashboards and ad-hoc queries."""
+    o = options or RuleOptions()
+    run = ", ".join(o.run_labels)
+    return [
+        {
+            # Exact for sharded ranks (FSDP: each rank holds a disjoint shard).
+            # Replicated ranks (DDP) hold the same gradient: use :max there.
+            "record": "gradmon:layer_grad_norm:combined",
+            "expr": f"sqrt(sum by ({run}, layer) (gradmon_grad_sum_squares))",
+        },
+        {
+            "record": "gradmon:layer_grad_norm:max",
+            "expr": f"max by ({run}, layer) (gradmon_grad_norm)",
+        },
+        {
+            # From the global gauge, so layers past exporter.max_layers count too.
+            "record": "gradmon:grad_global_norm:combined",
+            "expr": f"sqrt(sum by ({run}) (gradmon_grad_global_norm ^ 2))",
+        },
+        {
+            # Ranks step together: max, not sum.
+            "record": "gradmon:steps:rate5m",
+            "expr": f"max by ({run}) (rate(gradmon_steps_total[5m]))",
+        },
+        {
+            "record": "gradmon:skipped_steps:ratio_rate5m",
+            "expr": (
+                f"max by ({run}) (rate(gradmon_skipped_steps_total[5m]))\n"
+                f"/\n"
+                f"(max by ({run}) (rate(gradmon_steps_total[5m])) > 0)"
+            ),
+        },
+        {
+            "record": "gradmon:anomalies:rate5m",
+            "expr": f"sum by ({run}, kind) (rate(gradmon_anomalies_total[5m]))",
+        },
+        {
+            # Only layers that had NaN/Inf: which layer went first.
+            "record": "gradmon:layer_nonfinite_steps:increase5m",
+            "expr": (
+                f"sum by ({run}, layer) (increase(gradmon_layer_nonfinite_steps_total[5m])) > 0"
+            ),
+        },
+    ]
+
+
+def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict[str, Any]]:
+    """The alerts of DESIGN.md, thresholds from `config.health`."""
+    o = options or RuleOptions()
+    h = config.health
+    run = ", ".join(o.run_labels)
+    up = f"up{{{o.job_selector}}}"
+    exploding = _num(h.exploding_norm, "health.exploding_norm")
+    vanishing_rms = _num(h.vanishing_rms, "health.vanishing_rms")
+    vanishing_ratio = _num(h.vanishing_ratio, "health.vanishing_ratio")
+    spike = _num(h.spike_factor, "health.spike_factor")
+    floor = _num(o.loss_scale_floor, "RuleOptions.loss_scale_floor")
+    drop = _num(2.0**o.loss_scale_max_halvings, "RuleOptions.loss_scale_max_halvings")
+    width = _num(NORM_BUCKET_RATIO, "NORM_BUCKET_RATIO")
+    skipped_ratio = _num(o.nonfinite_max_skipped_ratio, "RuleOptions.nonfinite_max_skipped_ratio")
+    nf = o.nonfinite_window
+    g = "gradmon_grad_global_norm"
+    # The median of the global norm over a window that ended spike_baseline_offset ago,
+    # used only once that whole window lies inside the run (the series existed in the
+    # first spike_baseline_offset of it): early in a run the norm can grow many-fold from
+    # its first values, which is no spike.
+    baseline = (
+        f"(\n"
+        f"    quantile_over_time(0.5, {g}[{o.spike_baseline}] offset {o.spike_baseline_offset})"
+        f" > 0\n"
+        f"    and\n"
+        f"    present_over_time({g}[{o.spike_baseline_offset}] offset {o.spike_baseline})\n"
+        f"  )"
+    )
+
+    def alert(
+        name: str,
+        expr: str,
+        for_: str,
+        severity: str,
+        summary: str,
+        description: str,
+    ) -> dict[str, Any]:
+        return {
+            "alert": name,
+            "expr": expr,
+            "for": for_,
+            "labels": {"severity": severity},
+            "annotations": {
+                "summary": summary,
+                "description": description,
+                "runbook_url": f"{o.runbook_url}#{name.lower()}",
+            },
+        }
+
+    value = '{{ $value | printf "%.4g" }}'
+    return [
+        alert(
+            "GradmonTargetDown",
+            f"{up} == 0",
+            o.target_down_for,
+            "warning",
+            "gradmon agent {{ $labels.instance }} is down",
+            "Prometheus has failed to scrape the gradmon agent at {{ $labels.instance }} "
+            f"(job {{{{ $labels.job }}}}) for {o.target_down_for}: the training process "
+            "exited or hangs, the metrics port is unreachable, or the scrape went over "
+            "sample_limit.",
+        ),
+        alert(
+            "GradmonTrainingStalled",
+            f"max by ({run}) (increase(gradmon_steps_total[{o.stalled_window}])) == 0\n"
+            f"and on ({run})\n"
+            f"max by ({run}) ({up}) == 1",
+            o.stalled_for,
+            "warning",
+            "Training {{ $labels.job }} makes no progress",
+            "The gradmon agent of {{ $labels.job }} is up but has seen no optimizer step "
+            f"(gradmon_steps_total) for {o.stalled_window}: the job may hang in a collective, "
+            "the data loader or I/O, or run a long evaluation or checkpoint.",
+        ),
+        alert(
+            "GradmonNonFiniteGradients",
+            # Skipping a step with inf/NaN grads is what a GradScaler does (occasional
+            # skips are healthy AMP) and what a loop calling mon.collect(skipped=True)
+            # does. Alert on non-finite steps while nothing skipped any, i.e. they reached
+            # the optimizer; or, without a scaler, on a loop skipping most of its steps.
+            # A scaler that keeps skipping is GradmonLossScaleCollapse.
+            f"(\n"
+            f"  max by ({run}) (increase(gradmon_nonfinite_steps_total[{nf}])) > 0\n"
+            f"  unless on ({run})\n"
+            f"  max by ({run}) (increase(gradmon_skipped_steps_total[{nf}])) > 0\n"
+            f")\n"
+            f"or\n"
+            f"(\n"
+            f"  max by ({run}) (increase(gradmon_skipped_steps_total[{nf}]))\n"
+            f"    > {skipped_ratio} * max by ({run}) (increase(gradmon_steps_total[{nf}]))\n"
+            f"  unless on ({run})\n"
+            f"  gradmon_loss_scale\n"
+            f")",
+            o.nonfinite_for,
+            "critical",
+            "NaN/Inf gradients in {{ $labels.job }}",
+            '{{ $value | printf "%.0f" }} steps of {{ $labels.job }} in the last '
+            f"{nf} had NaN/Inf gradients that no GradScaler absorbed: they reached the "
+            f"optimizer, or the training loop skipped them and they were over {skipped_ratio} "
+            "of its steps. gradmon_layer_nonfinite_steps_total names the layers.",
+        ),
+        alert(
+            "GradmonExplodingGradients",
+            f"max by ({run}, layer) (max_over_time(gradmon_grad_norm[{o.exploding_window}]))"
+            f" > {exploding}",
+            o.exploding_for,
+            "critical",
+            "Exploding gradient in {{ $labels.layer }} ({{ $labels.job }})",
+            "The gradient L2 norm of layer {{ $labels.layer }} in {{ $labels.job }} has "
+            f"stayed above health.exploding_norm = {exploding} for {o.exploding_for} "
+            f"(largest in the last {o.exploding_window}: {value}).",
+        ),
+        alert(
+            "GradmonVanishingGradients",
+            f"(\n"
+            f"  max by ({run}, layer) (gradmon_grad_rms) < {vanishing_rms}\n"
+            f"  or\n"
+            f"  max by ({run}, layer) (gradmon_grad_rms)\n"
+            f"    < on ({run}) group_left ()\n"
+            f"  ({vanishing_ratio} * quantile by ({run}) (0.5, gradmon_grad_rms))\n"
+            f")\n"
+            f"unless on ({run}, layer)\n"
+            f"min by ({run}, layer) (gradmon_grad_zero_ratio) == 1",
+            o.vanishing_for,
+            "warning",
+            "Vanishing gradient in {{ $labels.layer }} ({{ $labels.job }})",
+            "The gradient rms of layer {{ $labels.layer }} in {{ $labels.job }} has been "
+            f"{value}, below health.vanishing_rms = {vanishing_rms} or below "
+            f"health.vanishing_ratio = {vanishing_ratio} times the median layer rms, "
+            f"for {o.vanishing_for}.",
+        ),
+        alert(
+            "GradmonGradNormSpike",
+            f"max by ({run}) (\n"
+            f"  max_over_time({g}[{o.spike_window}])\n"
+            f"  / {baseline}\n"
+            f") > {spike}\n"
+            f"or\n"
+            # Steps between scrapes: the histogram sees every collected step.
+            f"max by ({run}) (\n"
+            f"  histogram_quantile(1, rate({g}_per_step_bucket[{o.spike_window}])) / {width}\n"
+            f"  / {baseline}\n"
+            f") > {spike}",
+            o.spike_for,
+            "warning",
+            "Gradient norm spike in {{ $labels.job }}",
+            "The global gradient norm of {{ $labels.job }} reached "
+            f"{value} times its median of the {o.spike_baseline} before "
+            f"(health.spike_factor = {spike}).",
+        ),
+        alert(
+            "GradmonDeadLayer",
+            f"min by ({run}, layer) (gradmon_grad_zero_ratio) == 1",
+            o.dead_for,
+            "warning",
+            "Dead layer {{ $labels.layer }} ({{ $labels.job }})",
+            "Every gradient entry of layer {{ $labels.layer }} in {{ $labels.job }} has "
+            f"been exactly zero, or the layer got no gradient, for {o.dead_for}.",
+        ),
+        alert(
+            "GradmonLossScaleCollapse",
+            f"min by ({run}) (\n"
+            f"  gradmon_loss_scale < {floor}\n"
+            f"  or\n"
+            f"  gradmon_loss_scale <= max_over_time(gradmon_loss_scale[{o.loss_scale_window}])"
+            f" / {drop}\n"
+            f")",
+            o.loss_scale_for,
+            "critical",
+            "Loss scale collapsed in {{ $labels.job }}",
+            f"The GradScaler loss scale of {{{{ $labels.job }}}} is {value}: below {floor}, "
+            f"or {o.loss_scale_max_halvings}+ net halvings below its maximum of the last "
+            f"{o.loss_scale_window}. Steps are being skipped for inf/NaN gradients.",
+        ),
+    ]
+
+
+def groups(config: Config, options: RuleOptions | None = None) -> list[dict[str, Any]]:
+    """The rule groups, as the `groups:` of a rules file / a PrometheusRule's spec."""
+    o = options or RuleOptions()
+    return [
+        {"name": "gradmon.rules", "rules": recording_rules(o)},
+        {"name": "gradmon.alerts", "rules": alert_rules(config, o)},
+    ]
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper with multi-line strings as `|` blocks and indented sequences."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def _dump(data: Any) -> str:
+    # Insertion order (sort_keys=False) and no line folding: byte-stable output.
+    text: str = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000)
+    return text
+
+
+def render(
+    config: Config, fmt: Format = "prometheus", *, options: RuleOptions | None = None
+) -> str:
+    """The rules as YAML text: a Prometheus rules file or a Kubernetes PrometheusRule."""
+    if fmt not in FORMATS:
+        raise GradmonError(f"rules format {fmt!r} is not one of {', '.join(FORMATS)}")
+    o = options or RuleOptions()
+    h = config.health
+    header = (
+        "# Generated by gradmon/rules.py: do not edit by hand. Regenerate with\n"
+        f"#   gradmon rules --format {fmt} [--config FILE] --output PATH\n"
+        f"# health: vanishing_rms={h.vanishing_rms!r} vanishing_ratio={h.vanishing_ratio!r} "
+        f"exploding_norm={h.exploding_norm!r} spike_factor={h.spike_factor!r}\n"
+    )
+    body: dict[str, Any] = {"groups": groups(config, o)}
+    if fmt == "k8s":
+        body = {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PrometheusRule",
+            "metadata": {"name": o.k8s_name, "labels": dict(o.k8s_labels)},
+            "spec": body,
+        }
+    return header + _dump(body)
