@@ -57,6 +57,7 @@ def main() -> None:
         "foreach_norm": lambda: torch._foreach_norm(grads),
         "compute_partials": lambda: cpu.compute_partials(grads),
         "compute_partials(out=)": lambda: cpu.compute_partials(grads, out=out),
+        "compute_partials(1 thread)": lambda: cpu.compute_partials(grads, out=out, nthreads=1),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():  # warm-up
@@ -67,7 +68,7 @@ def main() -> None:
             times[name].append(timed(fn))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name, m in med.items():
-        print(f"{name:24s} {m:7.3f} ms   ratio {m / med['foreach_norm']:.2f}")
+        print(f"{name:28s} {m:7.3f} ms   ratio {m / med['foreach_norm']:.2f}")
 
 
 if __name__ == "__main__":

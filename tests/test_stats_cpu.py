@@ -139,6 +139,20 @@ def test_many_small_tensors_mixed_dtypes() -> None:
     assert_matches(grads)
 
 
+def test_random_mixtures() -> None:
+    # Random sizes, dtypes and densities of NaN/+Inf/-Inf/zero, one call for all of them.
+    gen = torch.Generator().manual_seed(8)
+    grads = []
+    for i in range(60):
+        n = int(torch.randint(0, 20_000, (1,), generator=gen))
+        x = torch.randn(n, generator=gen) * 10.0 ** int(torch.randint(-3, 4, (1,), generator=gen))
+        for value in (NAN, INF, -INF, 0.0):
+            density = float(torch.rand(1, generator=gen)) ** 4  # mostly sparse, some dense
+            x[torch.rand(n, generator=gen) < density] = value
+        grads.append(x.to(DTYPES[i % len(DTYPES)]))
+    assert_matches(grads)
+
+
 def test_large_finite_values_do_not_overflow() -> None:
     half = torch.tensor([300.0, 60000.0, -60000.0, 65504.0, -300.0] * 100, dtype=torch.float16)
     bf = torch.tensor([3e38, -3e38, 1e30] * 100, dtype=torch.bfloat16)
@@ -249,6 +263,23 @@ def test_works_in_forked_child() -> None:
 
 def _partials_in_child(grads: list[torch.Tensor]) -> torch.Tensor:
     return cpu.compute_partials(grads, nthreads=2)
+
+
+def test_helpers_follow_the_callers_fp_environment() -> None:
+    # Under torch.set_flush_denormal(True) (DAZ), subnormals read as zero. Helper threads
+    # must use the caller's FP environment, or the answer would depend on which thread
+    # took which chunk.
+    x = torch.full((4_000_000,), 1e-40)  # fp32 subnormal; big, so that the helper joins
+    x[::3] = 1.0
+    cpu.compute_partials([x], nthreads=2)  # make sure the helper pool exists
+    if not torch.set_flush_denormal(True):
+        pytest.skip("no flush-denormal support on this CPU")
+    try:
+        one = cpu.compute_partials([x], nthreads=1)
+        for _ in range(10):
+            assert torch.equal(cpu.compute_partials([x], nthreads=2), one)
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def test_fp32_sum_sq_is_accurate_at_20m() -> None:

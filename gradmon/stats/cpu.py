@@ -3,15 +3,22 @@
 The kernel (`gradmon.stats._cpu_kernel`, plain C, no torch headers) reads raw pointers.
 Contract of `_cpu_kernel.compute(ptrs, numels, dtypes, out_ptr, nthreads)`:
 
-* ``ptrs``, ``numels`` and ``dtypes`` are sequences of equal length T (checked in C);
-  ``ptrs[i]`` addresses ``numels[i]`` contiguous elements of dtype code ``dtypes[i]``
-  (0 float32, 1 float16, 2 bfloat16, 3 float64), valid for the whole call.
-* ``out_ptr`` addresses T*8 writable, contiguous float64 values (row-major ``[T, 8]``).
-* The kernel releases the GIL and uses up to ``nthreads`` threads; the result is
-  bit-identical for every thread count.
+* ``ptrs``, ``numels`` and ``dtypes`` are sequences of ints of equal length T (checked
+  in C, as are negative numels, unknown codes and NULL pointers); ``ptrs[i]`` addresses
+  ``numels[i]`` contiguous elements of dtype code ``dtypes[i]`` (0 float32, 1 float16,
+  2 bfloat16, 3 float64).
+* ``out_ptr`` addresses T*8 writable, contiguous float64 values (row-major ``[T, 8]``)
+  that overlap no input.
+* Every buffer stays valid and unchanged for the whole call. The kernel releases the GIL,
+  works on the calling thread plus up to ``nthreads - 1`` pooled helper threads, and
+  returns when all of them are done with the buffers.
 
-The C side can only check lengths, codes and NULL pointers; everything else (device,
-contiguity, sizes of the buffers, lifetime) is this module's job.
+The C side cannot see devices, strides, buffer sizes or lifetimes: checking those is this
+module's job. Results are bit-identical from run to run and for every thread count on a
+given machine (across CPUs the sum of squares may differ in the last bits, FMA or not).
+Like torch's own CPU ops, the kernel honours the calling thread's floating-point mode:
+under ``torch.set_flush_denormal(True)`` subnormal float32, bfloat16 and float64 values
+count as zeros.
 """
 
 from __future__ import annotations
