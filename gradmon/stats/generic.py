@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gradmon.stats.layout import NCOLS
+from gradmon.stats.layout import NCOLS, Col
 
 
 def _tensor_row(grad: torch.Tensor) -> torch.Tensor:
@@ -20,12 +20,12 @@ def _tensor_row(grad: torch.Tensor) -> torch.Tensor:
         # fp32 accumulation at least: fp16 grads of 300 would overflow a fp16 sum of squares.
         x = x.float()
     if x.numel() == 0:
-        # numel is metadata, so branching on it costs no sync.
-        return torch.tensor(
-            [0.0, 0.0, 0.0, float("inf"), float("-inf"), 0.0, 0.0, 0.0],
-            dtype=torch.float64,
-            device=x.device,
-        )
+        # numel is metadata, so branching on it costs no sync. Fills, not torch.tensor(list):
+        # a list would be copied from pageable host memory, which blocks on CUDA.
+        row = torch.zeros(NCOLS, dtype=torch.float64, device=x.device)
+        row[Col.MIN] = float("inf")
+        row[Col.MAX] = float("-inf")
+        return row
     finite = torch.isfinite(x)
     nan_count = torch.isnan(x).sum(dtype=torch.float64)
     finite_count = finite.sum(dtype=torch.float64)
