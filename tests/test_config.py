@@ -22,7 +22,9 @@ def test_defaults_match_design() -> None:
 
 def test_dict_yaml_and_config_object(tmp_path: Path) -> None:
     path = tmp_path / "g.yaml"
-    path.write_text("collect:\n  every_n_steps: 5\n  include: '^encoder\\.'\nexporter:\n  port: 0\n")
+    path.write_text(
+        "collect:\n  every_n_steps: 5\n  include: '^encoder\\.'\nexporter:\n  port: 0\n"
+    )
     from_file = load_config(path, environ={})
     assert from_file.collect.every_n_steps == 5
     assert from_file.collect.include == r"^encoder\."

@@ -68,7 +68,9 @@ def test_metrics_scraped_over_a_socket(net: SmallNet) -> None:
         assert name in fams, name
         assert fams[name].type == kind, name
         assert fams[name].documentation, name
-    assert samples(fams["gradmon_info"]) == {(("run_id", "r1"), ("version", gradmon.__version__)): 1}
+    assert samples(fams["gradmon_info"]) == {
+        (("run_id", "r1"), ("version", gradmon.__version__)): 1
+    }
     steps = {s.name: s.value for s in fams["gradmon_steps"].samples}
     assert steps["gradmon_steps_total"] == 3
     assert {s.name: s.value for s in fams["gradmon_step"].samples}["gradmon_step"] == 2
@@ -127,9 +129,7 @@ def test_injected_registry_and_anomaly_counters(net: SmallNet) -> None:
     assert registry.get_sample_value("gradmon_collections_total") is None  # unregistered
 
 
-def test_max_layers_caps_per_layer_series(
-    net: SmallNet, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_max_layers_caps_per_layer_series(net: SmallNet, caplog: pytest.LogCaptureFixture) -> None:
     registry = CollectorRegistry()
     cfg = {"exporter": {"enabled": False, "max_layers": 2}}
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
@@ -180,7 +180,7 @@ def test_scraping_while_training(net: SmallNet) -> None:
                     fams = scrape(port)
                     if "gradmon_step" in fams:
                         seen_steps.append(fams["gradmon_step"].samples[0].value)
-                except BaseException as exc:  # noqa: BLE001 - collected for the assert
+                except BaseException as exc:
                     failures.append(exc)
 
         threads = [threading.Thread(target=scraper) for _ in range(3)]

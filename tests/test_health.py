@@ -10,8 +10,18 @@ from gradmon.snapshot import LayerStats, no_grad_layer
 def layer(rms: float = 1e-2, numel: int = 100, zero_ratio: float = 0.0, nan: int = 0) -> LayerStats:
     norm = rms * math.sqrt(numel - nan)
     return LayerStats(
-        numel=numel, norm=norm, rms=rms, abs_max=rms * 3, mean=0.0, min=-rms, max=rms,
-        zero_ratio=zero_ratio, nan_count=nan, inf_count=0, param_norm=1.0, sum_squares=norm**2,
+        numel=numel,
+        norm=norm,
+        rms=rms,
+        abs_max=rms * 3,
+        mean=0.0,
+        min=-rms,
+        max=rms,
+        zero_ratio=zero_ratio,
+        nan_count=nan,
+        inf_count=0,
+        param_norm=1.0,
+        sum_squares=norm**2,
     )
 
 
