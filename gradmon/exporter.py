@@ -30,7 +30,7 @@ from gradmon.snapshot import Snapshot
 
 log = logging.getLogger("gradmon")
 
-AGENT_STAGES = ("hook", "collect", "publish", "scaler", "log", "export")
+AGENT_STAGES = ("hook", "collect", "publish", "scaler", "sink", "export")
 
 
 def log_buckets(lo_exp: int, hi_exp: int, per_decade: int) -> tuple[float, ...]:

@@ -40,6 +40,7 @@ from gradmon.exporter import (
     scalar_value,
 )
 from gradmon.health import HealthRules
+from gradmon.sinks import Sink, build_sinks
 from gradmon.snapshot import (
     LayerStats,
     Snapshot,
@@ -175,6 +176,7 @@ class Monitor:
         self._rank = _distributed_rank()
         self.run_id = cfg.run_id or os.environ.get("GRADMON_RUN_ID") or uuid.uuid4().hex[:12]
 
+        self._sinks: list[Sink] = build_sinks(cfg)
         self._model_ref = weakref.ref(model)
         self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else None
         self._scaler = scaler
@@ -360,6 +362,15 @@ class Monitor:
                 events.append(event)
                 block = staging
             parts.append((block, indices))
+        if self._sinks:
+            by_layer: dict[str, list[torch.Tensor]] = {}
+            for indices in groups.values():
+                for i in indices:
+                    name = self._layer_names[self._layer_of[i]]
+                    by_layer.setdefault(name, []).append(params[i].grad)  # type: ignore[union-attr,arg-type]
+            for sink in self._sinks:
+                with self._guard("sink"):
+                    sink.on_collect(step, by_layer)
         for i in range(len(self._received)):
             self._received[i] = False
         self._pending.append(_Pending(step, skipped, started, parts, fresh, events))
@@ -451,6 +462,12 @@ class Monitor:
                 self._duration_hist.observe(time.perf_counter() - started)
             for a in anomalies:
                 log.debug("gradmon: step %d %s %s (%.3g)", step, a.kind, a.layer, a.value)
+            if self._sinks:
+                with self._lock:
+                    scalars = dict(self._scalars)
+                for sink in self._sinks:
+                    with self._guard("sink"):
+                        sink.on_publish(snap, scalars)
 
     @contextlib.contextmanager
     def _guard(self, stage: str) -> Iterator[None]:
@@ -553,6 +570,9 @@ class Monitor:
         self._handles.clear()
         if getattr(self, "_restore_scaler", None) is not None:
             self._restore_scaler()  # type: ignore[misc]
+        for sink in getattr(self, "_sinks", []):
+            with self._guard("sink"):
+                sink.close()
         server = getattr(self, "_server", None)
         if server is not None:
             server.close()

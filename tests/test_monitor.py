@@ -311,3 +311,40 @@ def test_collect_skipped_counts_a_skipped_step(net: SmallNet) -> None:
         snap = mon.snapshot()
         assert snap is not None and snap.step == 2
         assert (mon._steps, mon._skipped_steps, mon._collections) == (3, 1, 3)
+
+
+class RecordingSink:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.collected: list[tuple[int, dict[str, list[torch.Tensor]]]] = []
+        self.published: list[tuple[object, dict[str, object]]] = []
+        self.closed = False
+
+    def on_collect(self, step: int, grads: dict[str, list[torch.Tensor]]) -> None:
+        if self.fail:
+            raise OSError("disk full")
+        self.collected.append((step, dict(grads)))
+
+    def on_publish(self, snapshot: object, scalars: dict[str, object]) -> None:
+        self.published.append((snapshot, dict(scalars)))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_sinks_see_grads_and_snapshots_and_failures_are_counted(net: SmallNet) -> None:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    good, bad = RecordingSink(), RecordingSink(fail=True)
+    with gradmon.attach(net, opt, config=NO_SERVER) as mon:
+        mon._sinks = [bad, good]
+        mon.log(loss=1.5)
+        train_step(net, opt)
+        train_step(net, opt)
+        assert [step for step, _ in good.collected] == [0, 1]
+        step, grads = good.collected[-1]
+        assert set(grads) == {n for n, _ in net.named_parameters()}
+        assert grads["fc1.weight"][0] is net.fc1.weight.grad
+        assert [snap.step for snap, _ in good.published] == [0, 1]  # type: ignore[attr-defined]
+        assert good.published[0][1] == {"loss": 1.5}
+        assert mon._errors["sink"] == 2
+    assert good.closed and bad.closed
