@@ -18,6 +18,9 @@ def _demo(args: argparse.Namespace) -> int:
         port=args.port,
         config=args.config,
         live=not args.no_live,
+        step_delay=args.step_delay,
+        with_prometheus=args.with_prometheus,
+        hold=args.hold,
     )
     return 0 if result.steps else 1
 
@@ -56,6 +59,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboards_generate(args: argparse.Namespace) -> int:
+    from gradmon.dashboards import write
+
+    for path in write(args.output_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def _dashboards_push(args: argparse.Namespace) -> int:
+    import json
+
+    from gradmon.grafana_push import push_dashboards, resolve_auth
+
+    # Credentials and URL first: a bad flag fails before the dashboards are built.
+    auth = resolve_auth(args.url, token=args.token, basic_auth=args.basic_auth)
+    from gradmon.dashboards import build, render
+
+    dashboards = {uid: json.loads(render(d)) for uid, d in build().items()}
+    for result in push_dashboards(args.url, auth=auth, dashboards=dashboards, folder=args.folder):
+        print(f"pushed {result.uid} (version {result.version}): {result.url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gradmon.version import __version__
 
@@ -73,6 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=9400, help="metrics port (0 = ephemeral)")
     demo.add_argument("--config", default=None, help="a gradmon YAML config file")
     demo.add_argument("--no-live", action="store_true", help="plain log lines, no live view")
+    demo.add_argument(
+        "--with-prometheus",
+        action="store_true",
+        help="run a local Prometheus + Alertmanager (127.0.0.1) beside the run: 1 s scrapes, "
+        "the shipped alert rules, alerts delivered to a webhook that prints them",
+    )
+    demo.add_argument(
+        "--step-delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="each step lasts at least this long (default: no pacing; with "
+        "--with-prometheus the run is spread over about 2 minutes)",
+    )
+    demo.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep /metrics (and the local stack) up this long after the last step",
+    )
     demo.set_defaults(func=_demo)
 
     config = sub.add_parser("config", help="configuration tools")
@@ -98,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=30, help="interleaved steps per variant")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     bench.set_defaults(func=_bench)
+
+    dashboards = sub.add_parser("dashboards", help="Grafana dashboards: generate the JSON, push")
+    dash_sub = dashboards.add_subparsers(dest="dashboards_command", required=True, metavar="ACTION")
+    generate = dash_sub.add_parser("generate", help="write the dashboard JSON files")
+    generate.add_argument(
+        "--output-dir", default="dashboards", help="write here (default: dashboards)"
+    )
+    generate.set_defaults(func=_dashboards_generate)
+    push = dash_sub.add_parser(
+        "push", help="save the dashboards in a running Grafana (same uids, overwritten)"
+    )
+    push.add_argument("--url", required=True, help="Grafana's URL, e.g. http://localhost:3000")
+    auth = push.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--token", default=None, help="a service account token (default: $GRAFANA_TOKEN)"
+    )
+    auth.add_argument("--basic-auth", default=None, metavar="USER:PASS", help="basic auth")
+    push.add_argument(
+        "--folder", default=None, help="folder title, created if missing (default: General)"
+    )
+    push.set_defaults(func=_dashboards_push)
     return parser
 
 

@@ -23,17 +23,27 @@ training dynamics, never through gradients written by hand:
 
 `run_demo()` serves /metrics while it runs, shows a live view in a terminal (progress
 lines otherwise), prints a summary and returns what gradmon detected.
+
+With `with_prometheus=True` (`gradmon demo --with-prometheus`) a local Prometheus and
+Alertmanager (gradmon.localstack) run beside the training: Prometheus scrapes the run
+every second and evaluates the alert rules, Alertmanager delivers to a webhook that
+prints what it receives. The faulty scenarios finish in a second or two, far less than
+the rules' `for` durations: `step_delay` paces the loop (each step lasts at least that
+long), by default spreading a run over about PACED_SECONDS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,16 +54,33 @@ from rich.text import Text
 from torch import Tensor, nn
 
 import gradmon
-from gradmon.config import read_yaml
+from gradmon.config import Config, HealthConfig, read_yaml
 from gradmon.errors import GradmonError
+from gradmon.localstack import LOOPBACK, LocalStack, Target, WebhookReceiver
 from gradmon.snapshot import ANOMALY_KINDS, Snapshot
 
-__all__ = ["DEFAULT_STEPS", "DESCRIPTIONS", "SCENARIOS", "DemoResult", "run_demo", "summary"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "DESCRIPTIONS",
+    "PACED_SECONDS",
+    "SCENARIOS",
+    "DemoResult",
+    "run_demo",
+    "summary",
+]
 
 SCENARIOS: tuple[str, ...] = ("healthy", "exploding", "vanishing", "nonfinite", "dead")
 
 REFRESH_SECONDS = 0.25  # live view: a few redraws per second, whatever the step rate
 PRINT_LINES = 10  # without a terminal: about this many progress lines per run
+# with_prometheus and no step_delay: pace a run to last about this long, so that 1 s
+# scrapes see its course and the alerts with short `for`s can fire while it runs.
+PACED_SECONDS = 120.0
+SCRAPE_WAIT_SECONDS = 30.0  # with_prometheus: the first scrape must come within this
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_RULES = REPO / "deploy" / "prometheus" / "rules" / "gradmon.rules.yml"
+SHIPPED_ALERTMANAGER = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
 
 DESCRIPTIONS: dict[str, str] = {
     "healthy": "a 2-layer Transformer learns to sort 12 tokens (AdamW); expect no anomaly",
@@ -367,10 +394,18 @@ class _Progress:
 
 
 def _train(
-    setup: _Scenario, mon: gradmon.Monitor, progress: _Progress, show: Callable[[bool], None]
+    setup: _Scenario,
+    mon: gradmon.Monitor,
+    progress: _Progress,
+    show: Callable[[bool], None],
+    step_delay: float = 0.0,
 ) -> None:
-    """The training loop, as a user would write it; show(final) after every step."""
+    """The training loop, as a user would write it; show(final) after every step.
+
+    step_delay: each step lasts at least this many seconds (the loop sleeps the rest).
+    """
     for step in range(progress.steps):
+        begun = time.perf_counter()
         x, y = setup.batch(step)
         loss = setup.loss(x, y)
         setup.optimizer.zero_grad(set_to_none=True)
@@ -387,6 +422,10 @@ def _train(
         mon.log(loss=value)
         progress.record(step, value, mon.snapshot())
         show(step + 1 == progress.steps)
+        if step_delay > 0:
+            rest = step_delay - (time.perf_counter() - begun)
+            if rest > 0:
+                time.sleep(rest)
 
 
 def run_demo(
@@ -396,59 +435,87 @@ def run_demo(
     config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     live: bool = True,
     seed: int = 0,
+    *,
+    step_delay: float | None = None,
+    with_prometheus: bool | LocalStack = False,
+    hold: float = 0.0,
 ) -> DemoResult:
     """Train one scenario on the CPU with gradmon attached; return what it detected.
 
     steps: None for the scenario's default. port: where /metrics is served (0: any free
     port). config: a YAML path or a dict on top of the demo's settings. live: a live
     terminal view when stdout is a terminal; otherwise (or live=False) progress lines.
+
+    step_delay: each training step lasts at least this many seconds (None: no pacing, or
+    with with_prometheus about PACED_SECONDS for the whole run). with_prometheus: True
+    starts a local Prometheus + Alertmanager for the run (see gradmon.localstack); a
+    started LocalStack gets the run as a target (job `gradmon-<scenario>`) until the run
+    ends. Training starts once Prometheus has scraped the run. hold: keep serving
+    /metrics (and the local stack) this many seconds after the last step.
     """
     if scenario not in _BUILDERS:
         raise GradmonError(f"unknown demo scenario {scenario!r}; choose one of {SCENARIOS}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise GradmonError(f"run_demo(steps=...) needs a positive int or None, not {steps!r}")
+    for name, value in (("step_delay", step_delay), ("hold", hold)):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise GradmonError(f"run_demo({name}=...) needs seconds >= 0, not {value!r}")
+    if not isinstance(with_prometheus, bool | LocalStack):
+        raise GradmonError(
+            "run_demo(with_prometheus=...) needs True/False or a started LocalStack, "
+            f"not {type(with_prometheus).__name__}"
+        )
     merged = _config(port, config)
     n_steps = steps if steps is not None else DEFAULT_STEPS[scenario]
+    if step_delay is None:
+        step_delay = PACED_SECONDS / n_steps if with_prometheus is not False else 0.0
 
     # fork_rng: seed for a reproducible run without touching the caller's RNG state.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as resources:
         torch.manual_seed(seed)
         setup = _BUILDERS[scenario](torch.Generator().manual_seed(seed), n_steps)
-        started = time.perf_counter()
         mon = gradmon.attach(setup.model, setup.optimizer, config=merged)
-        try:
-            served = mon.port
-            addr = mon.config.exporter.addr
-            url = f"http://{addr}:{served}/metrics" if served is not None else None
-            progress = _Progress(scenario, n_steps, url)
-            if live and sys.stdout.isatty():
-                with Live(progress.render(), auto_refresh=False) as view:
-                    last = [0.0]
+        resources.callback(mon.close)  # the last thing to go: after the local stack
+        served = mon.port
+        addr = mon.config.exporter.addr
+        url = f"http://{addr}:{served}/metrics" if served is not None else None
+        if with_prometheus is not False:
+            _beside_prometheus(with_prometheus, mon, scenario, step_delay, resources)
+        progress = _Progress(scenario, n_steps, url)
+        started = time.perf_counter()
+        if live and sys.stdout.isatty():
+            with Live(progress.render(), auto_refresh=False) as view:
+                last = [0.0]
 
-                    def redraw(final: bool) -> None:
-                        # Redraw a few times per second, not every step: a render (~4 ms)
-                        # costs more than a training step of the MLP scenarios.
-                        now = time.perf_counter()
-                        if final or now - last[0] >= REFRESH_SECONDS:
-                            view.update(progress.render(), refresh=True)
-                            last[0] = now
+                def redraw(final: bool) -> None:
+                    # Redraw a few times per second, not every step: a render (~4 ms)
+                    # costs more than a training step of the MLP scenarios.
+                    now = time.perf_counter()
+                    if final or now - last[0] >= REFRESH_SECONDS:
+                        view.update(progress.render(), refresh=True)
+                        last[0] = now
 
-                    _train(setup, mon, progress, redraw)
-            else:
-                print(
-                    f"gradmon demo '{scenario}': {DESCRIPTIONS[scenario]}; "
-                    f"metrics: {url or 'exporter disabled'}",
-                    flush=True,
-                )
-                every = max(1, n_steps // PRINT_LINES)
+                _train(setup, mon, progress, redraw, step_delay)
+        else:
+            print(
+                f"gradmon demo '{scenario}': {DESCRIPTIONS[scenario]}; "
+                f"metrics: {url or 'exporter disabled'}",
+                flush=True,
+            )
+            every = max(1, n_steps // PRINT_LINES)
 
-                def report(final: bool) -> None:
-                    if final or progress.step % every == 0:
-                        print(progress.line(), flush=True)
+            def report(final: bool) -> None:
+                if final or progress.step % every == 0:
+                    print(progress.line(), flush=True)
 
-                _train(setup, mon, progress, report)
-        finally:
-            mon.close()
+            _train(setup, mon, progress, report, step_delay)
+        seconds = time.perf_counter() - started
+        _hold(hold)
 
     result = DemoResult(
         scenario=scenario,
@@ -457,12 +524,106 @@ def run_demo(
         anomaly_counts=progress.counts,
         final_loss=progress.loss,
         port=served,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         initial_loss=progress.initial_loss,
         first_detection=progress.first,
     )
     print(summary(result), flush=True)
     return result
+
+
+def _hold(seconds: float) -> None:
+    if seconds <= 0:
+        return
+    print(f"training done; holding for {seconds:g} s (Ctrl-C to stop now)", flush=True)
+    deadline = time.monotonic() + seconds
+    with contextlib.suppress(KeyboardInterrupt):
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.5))
+
+
+# ----------------------------------------------------------------- with_prometheus
+def _rules_file(health: HealthConfig, resources: contextlib.ExitStack) -> Path:
+    """The shipped rules file when this is a checkout and the run uses the default
+    thresholds; otherwise rules rendered from the run's health config."""
+    if SHIPPED_RULES.is_file() and health == Config().health:
+        return SHIPPED_RULES
+    from gradmon.rules import render
+
+    workdir = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="gradmon-rules-")))
+    path = workdir / "gradmon.rules.yml"
+    path.write_text(render(Config(health=health)), encoding="utf-8")
+    return path
+
+
+def _shipped_inhibit_rules() -> list[dict[str, Any]]:
+    """The shipped Alertmanager config's inhibit rules (none outside a checkout)."""
+    if not SHIPPED_ALERTMANAGER.is_file():
+        return []
+    rules = read_yaml(SHIPPED_ALERTMANAGER).get("inhibit_rules") or []
+    return [dict(r) for r in rules if isinstance(r, Mapping)]
+
+
+def _print_delivery(payload: dict[str, Any]) -> None:
+    for alert in payload.get("alerts", []):
+        labels = alert.get("labels", {})
+        summary = alert.get("annotations", {}).get("summary", "")
+        print(
+            f"alertmanager -> webhook: [{alert.get('status', '?')}] "
+            f"{labels.get('alertname', '?')}: {summary}",
+            flush=True,
+        )
+
+
+def _target_host(addr: str) -> str:
+    """Where Prometheus reaches an exporter bound to `addr`."""
+    if addr in ("", "0.0.0.0", "::", "localhost"):
+        return LOOPBACK
+    return f"[{addr}]" if ":" in addr else addr
+
+
+def _beside_prometheus(
+    with_prometheus: bool | LocalStack,
+    mon: gradmon.Monitor,
+    scenario: str,
+    step_delay: float,
+    resources: contextlib.ExitStack,
+) -> None:
+    """Have Prometheus scrape the run: a stack of our own, or the caller's; wait for the
+    first scrape, so the run's first steps are seen."""
+    if mon.port is None:
+        raise GradmonError(
+            "run_demo(with_prometheus=...): the exporter is disabled (exporter.enabled: "
+            "false), so there is nothing for Prometheus to scrape"
+        )
+    target = Target(
+        f"{_target_host(mon.config.exporter.addr)}:{mon.port}", job=f"gradmon-{scenario}"
+    )
+    if isinstance(with_prometheus, LocalStack):
+        stack = with_prometheus
+        stack.set_target(target)
+        # Closing the exporter while Prometheus still scrapes it would be a target down.
+        resources.callback(stack.remove_target, target.job, SCRAPE_WAIT_SECONDS)
+    else:
+        rules = _rules_file(mon.config.health, resources)
+        receiver = resources.enter_context(WebhookReceiver(on_payload=_print_delivery))
+        stack = LocalStack(
+            [rules],
+            targets=[target],
+            webhook_url=receiver.url,
+            inhibit_rules=_shipped_inhibit_rules(),
+        )
+        resources.enter_context(stack)
+        print(
+            f"Prometheus:   {stack.alerts_page_url}  (scrapes {target.address} every "
+            f"{stack.scrape_interval}, rules {rules})\n"
+            f"Alertmanager: {stack.alertmanager_url}/#/alerts  (delivers to {receiver.url})\n"
+            f"pacing: at least {step_delay:.3g} s per step; an alert fires once its "
+            "condition has held for the rule's `for` (1m to 15m in the shipped rules): "
+            "--hold SECONDS keeps everything up after the run",
+            flush=True,
+        )
+    stack.wait_for_scrape(target.job, timeout=SCRAPE_WAIT_SECONDS)
 
 
 def summary(result: DemoResult) -> str:

@@ -341,7 +341,7 @@ def test_sinks_see_grads_and_snapshots_and_failures_are_counted(net: SmallNet) -
         train_step(net, opt)
         train_step(net, opt)
         assert [step for step, _ in good.collected] == [0, 1]
-        step, grads = good.collected[-1]
+        _, grads = good.collected[-1]
         assert set(grads) == {n for n, _ in net.named_parameters()}
         assert grads["fc1.weight"][0] is net.fc1.weight.grad
         assert [snap.step for snap, _ in good.published] == [0, 1]  # type: ignore[attr-defined]

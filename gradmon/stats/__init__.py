@@ -7,6 +7,7 @@ torch backend silently; naming a backend that cannot run is an error.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -21,6 +22,8 @@ __all__ = ["NCOLS", "Backend", "Col", "PartialsFn", "param_sum_squares", "select
 Backend = Literal["auto", "torch", "cpu", "triton"]
 PartialsFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
+log = logging.getLogger("gradmon")
+
 _CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -32,13 +35,44 @@ def _load_cpu_backend() -> PartialsFn | None:
     return cpu.compute_partials if cpu.available() else None
 
 
-def _load_triton_backend() -> tuple[PartialsFn | None, str]:
+def _load_triton_backend(device: torch.device, dtype: torch.dtype) -> tuple[PartialsFn | None, str]:
+    """The Triton kernel for this group, or None and why not. Imports triton lazily."""
     try:
-        from gradmon.stats import triton as triton_backend  # type: ignore[attr-defined]
-    except ImportError as exc:
-        return None, f"cannot import the Triton backend ({exc}); install gradmon[cuda]"
+        from gradmon.stats import triton as triton_backend
+    except Exception as exc:  # not installed, or an install that fails to import
+        return None, (
+            f"cannot import triton ({exc!r}); install it with `pip install gradmon[cuda]`"
+        )
+    why = triton_backend.unsupported_reason(device, dtype)
+    if why is not None:
+        return None, why
     fn: PartialsFn = triton_backend.compute_partials
     return fn, ""
+
+
+def _first_call_fallback(fast: PartialsFn, device: torch.device) -> PartialsFn:
+    """backend 'auto': if the Triton kernel fails on its first call (it compiles then, e.g.
+    for a GPU this Triton does not support), warn once and use the torch backend."""
+    chosen: list[PartialsFn] = []
+
+    def partials(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        if chosen:
+            return chosen[0](grads)
+        try:
+            out = fast(grads)
+        except Exception as exc:
+            log.warning(
+                "gradmon: the Triton statistics kernel failed on %s (%r); using the torch "
+                "backend instead (set collect.backend: triton to see the error)",
+                device,
+                exc,
+            )
+            chosen.append(generic.compute_partials)
+            return generic.compute_partials(grads)
+        chosen.append(fast)
+        return out
+
+    return partials
 
 
 def select_backend(name: Backend, device: torch.device, dtype: torch.dtype) -> PartialsFn:
@@ -60,11 +94,13 @@ def select_backend(name: Backend, device: torch.device, dtype: torch.dtype) -> P
             f"not {dtype} on {device}; use 'auto' or 'torch'"
         )
     if name in ("auto", "triton") and (device.type == "cuda" or name == "triton"):
-        triton_fn, why = _load_triton_backend()
+        triton_fn, why = _load_triton_backend(device, dtype)
         if triton_fn is not None:
-            return triton_fn
+            return triton_fn if name == "triton" else _first_call_fallback(triton_fn, device)
         if name == "triton":
-            raise GradmonError(f"collect.backend 'triton' cannot run: {why}")
+            raise GradmonError(
+                f"collect.backend 'triton' cannot run on {dtype} gradients on {device}: {why}"
+            )
     return generic.compute_partials
 
 
