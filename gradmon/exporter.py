@@ -7,15 +7,11 @@ takes under its lock; it never computes statistics and never touches the trainin
 from __future__ import annotations
 
 import bisect
-import errno
 import logging
 import math
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,8 +20,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gradmon.config import ExporterConfig
-from gradmon.errors import GradmonError
 from gradmon.snapshot import Snapshot
 
 log = logging.getLogger("gradmon")
@@ -236,55 +230,7 @@ def _layer_families(
     yield c
 
 
-class MetricsServer:
-    """prometheus_client's HTTP server on (addr, port), stoppable."""
-
-    def __init__(self, config: ExporterConfig, port: int, registry: CollectorRegistry) -> None:
-        if config.basic_auth.username or config.basic_auth.password_file:
-            raise GradmonError(
-                "exporter.basic_auth is not supported by this gradmon version; "
-                "leave it unset and restrict exporter.addr, or use exporter.tls with client_cafile"
-            )
-        tls = config.tls
-        if bool(tls.certfile) != bool(tls.keyfile):
-            raise GradmonError("exporter.tls needs both certfile and keyfile, or neither")
-        try:
-            self._server, self._thread = start_http_server(
-                port,
-                addr=config.addr,
-                registry=registry,
-                certfile=tls.certfile,
-                keyfile=tls.keyfile,
-                client_cafile=tls.client_cafile,
-                client_auth_required=bool(tls.client_cafile),
-            )
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise GradmonError(
-                    f"exporter.port {port} on {config.addr} is already in use; choose another "
-                    "port, or 0 for an ephemeral one (GRADMON_EXPORTER__PORT=0)"
-                ) from None
-            raise GradmonError(
-                f"cannot serve metrics on {config.addr}:{port} (exporter.addr/port): {exc}"
-            ) from None
-        self.port: int = self._server.server_port
-        self._closed = threading.Event()
-
-    def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        server: WSGIServer = self._server
-        server.shutdown()
-        server.server_close()
-        self._thread.join(timeout=5)
-
-
 def scalar_value(value: object) -> float:
     """A float from a Python number or a one-element tensor (read on the scrape thread)."""
     item = getattr(value, "item", None)
     return float(item() if callable(item) else value)  # type: ignore[arg-type]
-
-
-def copy_counts(d: Mapping[str, int]) -> dict[str, int]:
-    return dict(d)

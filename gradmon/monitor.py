@@ -36,10 +36,10 @@ from gradmon.exporter import (
     ExportState,
     GradmonCollector,
     Histogram,
-    MetricsServer,
     scalar_value,
 )
 from gradmon.health import HealthRules
+from gradmon.server import MetricsServer
 from gradmon.sinks import Sink, build_sinks
 from gradmon.snapshot import (
     LayerStats,

@@ -1,0 +1,160 @@
+"""The /metrics HTTP server: prometheus_client's WSGI app behind optional TLS and basic auth.
+
+prometheus_client's start_http_server has TLS but no authentication, so the server is
+built here from the same parts: a threading WSGI server, its app, an SSL context. Secrets
+(the password) are read once at start, compared in constant time, and never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import hmac
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from gradmon.config import ExporterConfig
+from gradmon.errors import GradmonError
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a hung scraper must never keep the training process alive
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = 30  # seconds a connection may idle; a stuck client frees its thread
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+def _read_password(path: str) -> bytes:
+    try:
+        secret = Path(path).read_bytes()
+    except OSError as exc:
+        raise GradmonError(
+            f"exporter.basic_auth.password_file {path}: cannot read it ({exc.strerror or exc})"
+        ) from None
+    secret = secret.rstrip(b"\r\n")
+    if not secret:
+        raise GradmonError(f"exporter.basic_auth.password_file {path} is empty")
+    return secret
+
+
+def basic_auth(app: WSGIApp, username: str, password: bytes) -> WSGIApp:
+    """Wrap a WSGI app: 401 unless the request carries these credentials."""
+    expected_user = username.encode()
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, encoded = header.partition(" ")
+        ok = False
+        if scheme.lower() == "basic":
+            try:
+                user, _, given = base64.b64decode(encoded, validate=True).partition(b":")
+            except (binascii.Error, ValueError):
+                user, given = b"", b""
+            # Both compared, always: the time taken does not tell which one was wrong.
+            user_ok = hmac.compare_digest(user, expected_user)
+            password_ok = hmac.compare_digest(given, password)
+            ok = user_ok and password_ok
+        if ok:
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized",
+            [("WWW-Authenticate", 'Basic realm="gradmon"'), ("Content-Type", "text/plain")],
+        )
+        return [b"401 Unauthorized\n"]
+
+    return guarded
+
+
+def _tls_context(config: ExporterConfig) -> ssl.SSLContext | None:
+    tls = config.tls
+    if not (tls.certfile or tls.keyfile or tls.client_cafile):
+        return None
+    if not (tls.certfile and tls.keyfile):
+        raise GradmonError(
+            "exporter.tls needs both certfile and keyfile (client_cafile alone is not enough)"
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.certfile, tls.keyfile)
+        if tls.client_cafile:
+            context.load_verify_locations(cafile=tls.client_cafile)
+            context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS
+    except (OSError, ssl.SSLError) as exc:
+        raise GradmonError(
+            f"exporter.tls: cannot load certfile {tls.certfile} / keyfile {tls.keyfile}"
+            + (f" / client_cafile {tls.client_cafile}" if tls.client_cafile else "")
+            + f": {exc}"
+        ) from None
+    return context
+
+
+class MetricsServer:
+    """Serves a registry on (addr, port) in a daemon thread, until close()."""
+
+    def __init__(self, config: ExporterConfig, port: int, registry: CollectorRegistry) -> None:
+        app: WSGIApp = make_wsgi_app(registry)
+        auth = config.basic_auth
+        if bool(auth.username) != bool(auth.password_file):
+            raise GradmonError(
+                "exporter.basic_auth needs both username and password_file, or neither"
+            )
+        if auth.username and auth.password_file:
+            app = basic_auth(app, auth.username, _read_password(auth.password_file))
+        context = _tls_context(config)
+
+        class Server(_ThreadingServer):
+            pass
+
+        try:
+            infos = socket.getaddrinfo(
+                config.addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            Server.address_family = infos[0][0]
+            httpd = make_server(str(infos[0][4][0]), port, app, Server, handler_class=_QuietHandler)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise GradmonError(
+                    f"exporter.port {port} on {config.addr} is already in use; choose another "
+                    "port, or 0 for an ephemeral one (GRADMON_EXPORTER__PORT=0)"
+                ) from None
+            raise GradmonError(
+                f"cannot serve metrics on {config.addr}:{port} (exporter.addr/port): {exc}"
+            ) from None
+        if context is not None:
+            # Handshake lazily, in the request's own thread: done in accept(), one silent
+            # client would block every other scrape.
+            httpd.socket = context.wrap_socket(
+                httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self._server = httpd
+        self.port: int = httpd.server_port
+        self.tls = context is not None
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, name="gradmon-metrics", daemon=True
+        )
+        self._thread.start()
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
