@@ -596,6 +596,12 @@ def _beside_prometheus(
             "run_demo(with_prometheus=...): the exporter is disabled (exporter.enabled: "
             "false), so there is nothing for Prometheus to scrape"
         )
+    exporter = mon.config.exporter
+    if exporter.tls.certfile is not None or exporter.basic_auth.username is not None:
+        raise GradmonError(
+            "run_demo(with_prometheus=...): the local Prometheus scrapes plain HTTP without "
+            "credentials; leave exporter.tls and exporter.basic_auth unset for the demo"
+        )
     target = Target(
         f"{_target_host(mon.config.exporter.addr)}:{mon.port}", job=f"gradmon-{scenario}"
     )
@@ -620,7 +626,8 @@ def _beside_prometheus(
             f"Alertmanager: {stack.alertmanager_url}/#/alerts  (delivers to {receiver.url})\n"
             f"pacing: at least {step_delay:.3g} s per step; an alert fires once its "
             "condition has held for the rule's `for` (1m to 15m in the shipped rules): "
-            "--hold SECONDS keeps everything up after the run",
+            "--hold SECONDS keeps everything up after the run\n"
+            "waiting for Prometheus' first scrape (up to ~10 s) ...",
             flush=True,
         )
     stack.wait_for_scrape(target.job, timeout=SCRAPE_WAIT_SECONDS)
