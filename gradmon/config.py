@@ -39,7 +39,12 @@ class CollectConfig(_Section):
     every_n_steps: int = Field(1, ge=1, description="statistics on every n-th optimizer step")
     include: str | None = Field(None, description="regex on layer names; null = all")
     exclude: str | None = Field(None, description="regex on layer names to leave out")
-    granularity: Literal["parameter", "module"] = "parameter"
+    granularity: Literal["parameter", "module", "depth"] = Field(
+        "parameter",
+        description="one series per parameter, per module, or per module-path prefix "
+        "of collect.depth components (`encoder.layers.3`)",
+    )
+    depth: int = Field(2, ge=1, description="module-path components kept when granularity is depth")
     backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
 
     _regex = field_validator("include", "exclude")(_check_regex)
@@ -59,8 +64,15 @@ class BasicAuthConfig(_Section):
 class ExporterConfig(_Section):
     enabled: bool = True
     addr: str = "127.0.0.1"
-    port: int = Field(9400, ge=0, le=65535, description="0 = ephemeral; rank r uses port + r")
+    port: int = Field(
+        9400, ge=0, le=65535, description="0 = ephemeral; each rank uses port + local_rank"
+    )
     per_layer: bool = True
+    per_layer_ranks: Literal["auto", "first", "all"] = Field(
+        "auto",
+        description="ranks exporting per-layer families when world size > 1: first (rank 0), "
+        "all, or auto (all when gradients are sharded, e.g. FSDP; else first)",
+    )
     max_layers: int = Field(512, ge=1)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     basic_auth: BasicAuthConfig = Field(default_factory=BasicAuthConfig)
@@ -85,11 +97,39 @@ class HealthConfig(_Section):
 
 
 class TensorboardConfig(_Section):
-    logdir: str | None = None
+    """TensorBoard event files (gradmon/sinks/tensorboard.py; gradmon[tensorboard] extra)."""
+
+    logdir: str | None = Field(
+        None, description="write event files here; `{rank}` is replaced by the rank; null = off"
+    )
+    histogram_every: int = Field(
+        100, ge=0, description="a histogram of each layer's grad every n collections; 0 = off"
+    )
+    histogram_bins: int = Field(64, ge=1, le=1024, description="bins of each histogram")
+    histogram_max_elements: int = Field(
+        1 << 20, ge=1, description="larger grads are histogrammed from a strided sample"
+    )
+    flush_secs: int = Field(10, ge=1, description="event files are flushed at least this often")
+    max_queue: int = Field(
+        100, ge=1, description="snapshots waiting for the writer thread; past it they are dropped"
+    )
+    writer: Literal["auto", "torch", "tensorboardX"] = Field(
+        "auto", description="auto: torch.utils.tensorboard, else tensorboardX"
+    )
 
 
 class RecordConfig(_Section):
-    path: str | None = None
+    """The JSONL record file read by `gradmon plot` (gradmon/sinks/record.py)."""
+
+    path: str | None = Field(
+        None, description="one JSON line per snapshot; `{rank}` is replaced by the rank"
+    )
+    mode: Literal["append", "overwrite"] = Field(
+        "append", description="append to an existing file, or start it afresh"
+    )
+    max_queue: int = Field(
+        1000, ge=1, description="snapshots waiting for the writer thread; past it they are dropped"
+    )
 
 
 class Config(_Section):

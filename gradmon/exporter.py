@@ -230,6 +230,28 @@ def _layer_families(
     yield c
 
 
+class RankLabelled(Collector):
+    """Another collector's families (process, platform) with `rank` added to every sample
+    under several ranks, so that every series of a rank's target carries it."""
+
+    def __init__(self, inner: Collector, rank_fn: Callable[[], int | None]) -> None:
+        self._inner = inner
+        self._rank_fn = rank_fn
+
+    def collect(self) -> Iterator[Metric]:
+        rank = self._rank_fn()
+        for family in self._inner.collect():
+            if rank is None:
+                yield family
+                continue
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                out.add_sample(
+                    s.name, {**s.labels, "rank": str(rank)}, s.value, s.timestamp, s.exemplar
+                )
+            yield out
+
+
 def scalar_value(value: object) -> float:
     """A float from a Python number or a one-element tensor (read on the scrape thread)."""
     item = getattr(value, "item", None)

@@ -6,14 +6,30 @@ micro-batches, all-reduced by DDP, unscaled by GradScaler), so statistics are ta
 there, in one backend call per (device, dtype) group. CPU results are published at once;
 CUDA results are copied without blocking into pinned memory and published once their
 event has completed, never waited for on the training thread.
+
+Training regimes:
+- GradScaler, plain optimizers: the scaler unscales the grads before `optimizer.step()`;
+  a step it skips for inf/NaN never reaches the step hook, so `scaler.update()` is
+  watched and the skipped step (its unscaled, non-finite grads) is collected there.
+- GradScaler, fused optimizers (`fused=True`): the step hook sees scaled grads and the
+  `grad_scale`/`found_inf` tensors the scaler hands the optimizer; the partials are
+  divided by the scale on the device, and skipped steps are counted from `found_inf` on
+  the device, read back with the partials (no host sync).
+- DDP / FSDP2: see gradmon/distributed.py.
+- torch.compile: the model's hooks sit on leaf parameters, outside compiled graphs; a
+  compiled `optimizer.step()` calls the step hook as an opaque leaf function (no graph
+  break) where torch has `torch._dynamo.decorators.leaf_function`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -27,6 +43,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from gradmon import distributed
 from gradmon.config import Config, load_config
 from gradmon.errors import GradmonError
 from gradmon.exporter import (
@@ -36,6 +53,7 @@ from gradmon.exporter import (
     ExportState,
     GradmonCollector,
     Histogram,
+    RankLabelled,
     scalar_value,
 )
 from gradmon.health import HealthRules
@@ -49,7 +67,7 @@ from gradmon.snapshot import (
     global_norm,
     no_grad_layer,
 )
-from gradmon.stats import NCOLS, PartialsFn, param_sum_squares, select_backend
+from gradmon.stats import NCOLS, Col, PartialsFn, param_sum_squares, select_backend
 from gradmon.version import __version__
 
 log = logging.getLogger("gradmon")
@@ -67,20 +85,136 @@ class _Pending:
     parts: list[tuple[torch.Tensor, list[int]]]  # ([n, NCOLS + 1] host rows, param indices)
     fresh: list[bool]
     events: list[torch.cuda.Event]
+    # Fused optimizers under a GradScaler: [this step skipped (0/1), skipped steps so far]
+    amp: torch.Tensor | None = None
 
 
-def _layer_name(param_name: str, granularity: str) -> str:
-    if granularity == "module":
-        return param_name.rpartition(".")[0] or ROOT_MODULE
-    return param_name
+def _layer_name(param_name: str, granularity: str, depth: int = 1) -> str:
+    if granularity == "parameter":
+        return param_name
+    module = param_name.rpartition(".")[0]
+    if granularity == "depth" and module:
+        module = ".".join(module.split(".")[:depth])
+    return module or ROOT_MODULE
 
 
-def _distributed_rank() -> int | None:
-    """The rank label, only when several ranks train together."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return int(dist.get_rank())
-    return None
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP/DataParallel and torch.compile wrappers: layer names
+    stay those of the plain model (no `module.` / `_orig_mod.` prefix)."""
+    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while True:
+        if isinstance(model, parallel) and isinstance(model.module, nn.Module):
+            model = model.module
+            continue
+        # torch.compile(model) returns an OptimizedModule; dynamo is loaded if one exists.
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        optimized = getattr(eval_frame, "OptimizedModule", None)
+        if optimized is not None and isinstance(model, optimized):
+            model = model._orig_mod
+            continue
+        return model
+
+
+def _unscale_partials(partials: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Partials of grad / scale from those of grad, on the partials' device, no host sync:
+    sum of squares times 1/s**2; sum, abs-max, min, max times 1/s; counts unchanged."""
+    if isinstance(scale, torch.Tensor):
+        inv: torch.Tensor | float = (
+            scale.detach()
+            .to(device=partials.device, dtype=torch.float64, non_blocking=True)
+            .reshape(())
+            .reciprocal()
+        )
+    else:
+        inv = 1.0 / float(scale)
+    factors = torch.ones(NCOLS, dtype=torch.float64, device=partials.device)
+    factors[Col.SUM_SQ : Col.MAX + 1] = inv  # a fill / device copy, not a host list
+    factors[Col.SUM_SQ] = inv * inv
+    return partials * factors
+
+
+def _scaler_stepped(scaler: Any, optimizer: torch.optim.Optimizer) -> bool | None:
+    """Whether `scaler.step(optimizer)` ran since the last update (skipped or not), from
+    the scaler's per-optimizer stage; None when this GradScaler does not tell."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, Mapping):
+        return None
+    state = states.get(id(optimizer))  # .get: no entry made in the defaultdict
+    if state is None:
+        return False
+    name = getattr(state.get("stage"), "name", None) if isinstance(state, Mapping) else None
+    return None if name is None else name == "STEPPED"
+
+
+def _watch_scaler(scaler: Any, monitor: Monitor) -> Callable[[], None]:
+    """Call `monitor._on_scaler_update(scaler)` before every `scaler.update()`.
+
+    One wrapper per scaler, shared by every monitor watching it (several optimizers, one
+    scaler); returns the function that stops watching, which restores `scaler.update`
+    when the last monitor leaves.
+    """
+    update = scaler.__dict__.get("update")
+    monitors: list[weakref.ref[Monitor]] | None = getattr(update, "_gradmon_monitors", None)
+    if monitors is None:
+        original = scaler.update
+        watching: list[weakref.ref[Monitor]] = []
+
+        def wrapped(new_scale: Any = None) -> Any:
+            for ref in list(watching):
+                mon = ref()
+                if mon is not None:
+                    mon._on_scaler_update(scaler)
+            return original(new_scale)
+
+        wrapped._gradmon_monitors = watching  # type: ignore[attr-defined]
+        scaler.update = wrapped
+        update, monitors = wrapped, watching
+    ref = weakref.ref(monitor)
+    monitors.append(ref)
+
+    def unwatch() -> None:
+        if ref in monitors:
+            monitors.remove(ref)
+        if not monitors and scaler.__dict__.get("update") is update:
+            del scaler.update
+
+    return unwatch
+
+
+# torch.compile: the step hook reaches its monitor through a key (an int, which dynamo
+# can guard on), not through a closure it would have to trace.
+_STEP_HOOK_MONITORS: dict[int, weakref.ref[Monitor]] = {}
+_step_hook_keys = itertools.count(1)
+
+
+def _step_hook_by_key(key: int) -> None:
+    ref = _STEP_HOOK_MONITORS.get(key)
+    mon = ref() if ref is not None else None
+    if mon is not None:
+        mon._on_optimizer_step()
+
+
+@functools.cache
+def _compiled_step_hook() -> Callable[[int], None]:
+    """The step hook as torch.compile runs it: a leaf function (an opaque call in the
+    graph, run eagerly at runtime: no graph break), or where this torch has no
+    `leaf_function`, a `torch.compiler.disable`d call (correct, with a graph break)."""
+    try:
+        from torch._dynamo.decorators import leaf_function
+    except ImportError:
+        fallback: Callable[[int], None] = torch.compiler.disable(_step_hook_by_key)  # type: ignore[no-untyped-call]
+        return fallback
+
+    @leaf_function
+    def gradmon_step_hook(key: int) -> None:
+        _step_hook_by_key(key)
+
+    @gradmon_step_hook.register_fake  # type: ignore[attr-defined,untyped-decorator]
+    def _fake(key: int) -> None:
+        return None
+
+    hook: Callable[[int], None] = gradmon_step_hook
+    return hook
 
 
 class Monitor:
@@ -122,13 +256,13 @@ class Monitor:
         self._closed = False
         self._handles: list[RemovableHandle] = []
 
-        named = self._select_parameters(model, optimizer)
+        named = self._select_parameters(_unwrap(model), optimizer)
         self._param_refs = [weakref.ref(p) for _, p in named]
         self._param_names = [n for n, _ in named]
         layer_names: list[str] = []
         self._layer_of: list[int] = []
         for name, _ in named:
-            layer = _layer_name(name, cfg.collect.granularity)
+            layer = _layer_name(name, cfg.collect.granularity, cfg.collect.depth)
             if not layer_names or layer_names[-1] != layer:
                 if layer in layer_names:
                     self._layer_of.append(layer_names.index(layer))
@@ -139,7 +273,9 @@ class Monitor:
         self._layer_members: list[list[int]] = [[] for _ in layer_names]
         for i, layer_index in enumerate(self._layer_of):
             self._layer_members[layer_index].append(i)
-        self._numels = [p.numel() for _, p in named]
+        # Under FSDP2 a parameter is a DTensor: this rank's statistics are of its shard.
+        self._numels = [distributed.local_tensor(p).numel() for _, p in named]
+        self._sharded = any(distributed.is_sharded(p) for _, p in named)
         self._exported_layers = layer_names[: cfg.exporter.max_layers]
         if len(layer_names) > cfg.exporter.max_layers:
             log.warning(
@@ -169,11 +305,16 @@ class Monitor:
         self._layer_nonfinite: dict[str, int] = {}
         self._errors: dict[str, int] = dict.fromkeys(AGENT_STAGES, 0)
         self._errors_logged: set[str] = set()
+        self._warned_gone = False
         self._scalars: dict[str, Any] = {}
         self._norm_hist = Histogram(GLOBAL_NORM_BUCKETS)
         self._duration_hist = Histogram(DURATION_BUCKETS)
         self._health = HealthRules(cfg.health)
-        self._rank = _distributed_rank()
+        self._rank: int | None = None  # read lazily: the group may be initialised later
+        # Fused optimizers under a GradScaler: steps skipped for inf/NaN, counted on the
+        # device and read back with the partials of each collection.
+        self._fused_skips: torch.Tensor | None = None
+        self._fused_skipped = 0
         self.run_id = cfg.run_id or os.environ.get("GRADMON_RUN_ID") or uuid.uuid4().hex[:12]
 
         self._sinks: list[Sink] = build_sinks(cfg)
@@ -181,6 +322,8 @@ class Monitor:
         self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else None
         self._scaler = scaler
         self._step_seen_since_update = False
+        self._unwatch_scaler: Callable[[], None] | None = None
+        self._hook_key: int | None = None
 
         try:
             self._install_hooks(named, optimizer, scaler)
@@ -189,9 +332,7 @@ class Monitor:
             self._registry.register(self._collector)
             self._server: MetricsServer | None = None
             if cfg.exporter.enabled:
-                port = cfg.exporter.port
-                if port:
-                    port += int(os.environ.get("LOCAL_RANK", "0"))
+                port = distributed.metrics_port(cfg.exporter.port)
                 self._server = MetricsServer(cfg.exporter, port, self._registry)
         except BaseException:
             self.close()
@@ -223,7 +364,7 @@ class Monitor:
         exclude = re.compile(cfg.exclude) if cfg.exclude else None
         selected = []
         for name, p in trainable:
-            layer = _layer_name(name, cfg.granularity)
+            layer = _layer_name(name, cfg.granularity, cfg.depth)
             if include and not include.search(layer):
                 continue
             if exclude and exclude.search(layer):
@@ -256,61 +397,89 @@ class Monitor:
             self._handles.append(handle)
 
         if optimizer is not None:
+            key = self._hook_key = next(_step_hook_keys)
+            _STEP_HOOK_MONITORS[key] = me
+            compiled_hook = _compiled_step_hook()
 
-            @torch.compiler.disable  # type: ignore[untyped-decorator]
-            def on_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
+            def on_step(opt: Any, _args: Any, _kwargs: Any) -> None:
+                if torch.compiler.is_compiling():
+                    # Traced by dynamo (a compiled optimizer step): an opaque call that
+                    # runs the eager branch's work at runtime, with no graph break.
+                    compiled_hook(key)
+                    return
                 mon = me()
                 if mon is not None:
-                    mon._on_optimizer_step()
+                    mon._on_optimizer_step(opt)
 
             self._handles.append(optimizer.register_step_pre_hook(on_step))
 
         if scaler is not None:
-            original_update = scaler.update
-
-            def update(new_scale: Any = None) -> Any:
-                mon = me()
-                if mon is not None:
-                    mon._on_scaler_update()
-                return original_update(new_scale)
-
-            scaler.update = update
-
-            def restore() -> None:
-                if scaler.__dict__.get("update") is update:
-                    del scaler.update
-
-            self._restore_scaler: Callable[[], None] | None = restore
-        else:
-            self._restore_scaler = None
+            self._unwatch_scaler = _watch_scaler(scaler, self)
 
     def _default_registry(self) -> CollectorRegistry:
-        # A registry of our own, so attach/close/attach never collides on names.
+        # A registry of our own, so attach/close/attach never collides on names. The
+        # process and platform series get `rank` too under several ranks.
         registry = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
+        me = weakref.ref(self)
+
+        def rank() -> int | None:
+            mon = me()
+            return mon._rank_now() if mon is not None else None
+
+        registry.register(RankLabelled(ProcessCollector(registry=None), rank))
+        registry.register(RankLabelled(PlatformCollector(registry=None), rank))
         return registry
 
+    def _rank_now(self) -> int | None:
+        """The rank label; looked up until a process group of several ranks exists."""
+        if self._rank is None:
+            self._rank = distributed.rank_label()
+        return self._rank
+
     # ------------------------------------------------------------ hot path
-    def _on_optimizer_step(self) -> None:
+    def _on_optimizer_step(self, optimizer: Any = None) -> None:
         with self._guard("hook"):
             self._step_seen_since_update = True
             step = self._steps
             self._steps += 1
+            if optimizer is None and self._optimizer_ref is not None:
+                optimizer = self._optimizer_ref()
+            # Set by GradScaler.step() on fused optimizers only, for the step's duration.
+            grad_scale = getattr(optimizer, "grad_scale", None)
+            skip_flag = self._count_fused_skip(getattr(optimizer, "found_inf", None))
             if step % self.config.collect.every_n_steps == 0:
-                self._collect(step, skipped=False)
+                self._collect(step, skipped=False, grad_scale=grad_scale, skip_flag=skip_flag)
 
-    def _on_scaler_update(self) -> None:
+    def _count_fused_skip(self, found_inf: Any) -> torch.Tensor | None:
+        """A fused optimizer skips a step with inf/NaN inside its kernel: add the step's
+        found_inf (0/1) to a device counter. Returns the step's flag, still on the device."""
+        if not isinstance(found_inf, torch.Tensor):
+            return None
+        flag = found_inf.detach().sum().gt(0).to(torch.float64)
+        if self._fused_skips is None or self._fused_skips.device != flag.device:
+            self._fused_skips = torch.zeros((), dtype=torch.float64, device=flag.device)
+        self._fused_skips.add_(flag)
+        return flag
+
+    def _on_scaler_update(self, scaler: Any) -> None:
+        """Before `scaler.update()`: was our optimizer's step skipped in this iteration?"""
+        if self._closed:
+            return
         with self._guard("scaler"):
-            if not self._step_seen_since_update:
-                # GradScaler found inf/NaN and skipped optimizer.step(): our step hook never
-                # ran, so count the step here and look at the (unscaled, non-finite) grads.
-                step = self._steps
-                self._steps += 1
-                self._skipped_steps += 1
-                if step % self.config.collect.every_n_steps == 0:
-                    self._collect(step, skipped=True)
+            seen = self._step_seen_since_update
             self._step_seen_since_update = False
+            optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
+            if seen or optimizer is None:
+                return  # stepped (fused skips are counted on the device), or cannot tell
+            if _scaler_stepped(scaler, optimizer) is False:
+                return  # scaler.step() did not run for our optimizer in this iteration
+            # GradScaler found inf/NaN and skipped optimizer.step(): our step hook never
+            # ran, so count the step here and look at the (unscaled, non-finite) grads.
+            step = self._steps
+            self._steps += 1
+            self._skipped_steps += 1
+            if step % self.config.collect.every_n_steps == 0:
+                self._collect(step, skipped=True)
 
     def collect(self, step: int | None = None, *, skipped: bool = False) -> None:
         """Collect now, for loops that do not call optimizer.step().
@@ -331,15 +500,37 @@ class Monitor:
                 self._skipped_steps += 1
             self._collect(step, skipped=skipped)
 
-    def _collect(self, step: int, skipped: bool) -> None:
+    def _collect(
+        self,
+        step: int,
+        skipped: bool,
+        grad_scale: torch.Tensor | float | None = None,
+        skip_flag: torch.Tensor | None = None,
+    ) -> None:
         started = time.perf_counter()
         self._publish_ready(wait=False)
         fresh = self._fresh_gradients()
-        params: list[torch.Tensor | None] = [ref() for ref in self._param_refs]
+        local = distributed.local_tensor  # a DTensor's shard on this rank; else the tensor
+        grads: dict[int, torch.Tensor] = {}
+        weights: dict[int, torch.Tensor] = {}
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(params):
+        gone = 0
+        for i, ref in enumerate(self._param_refs):
+            p = ref()
+            gone += p is None
             if fresh[i] and p is not None and p.grad is not None:
-                groups.setdefault((p.grad.device, p.grad.dtype), []).append(i)
+                g = grads[i] = local(p.grad)
+                weights[i] = local(p)
+                groups.setdefault((g.device, g.dtype), []).append(i)
+        if gone and not self._warned_gone:
+            self._warned_gone = True
+            log.warning(
+                "gradmon: %d of the %d monitored parameters no longer exist: the model's "
+                "parameters were replaced after attach() (fully_shard, to_empty, "
+                "load_state_dict(assign=True)?); attach after wrapping/sharding the model",
+                gone,
+                len(self._param_refs),
+            )
         parts: list[tuple[torch.Tensor, list[int]]] = []
         events: list[torch.cuda.Event] = []
         for (device, dtype), indices in groups.items():
@@ -347,34 +538,43 @@ class Monitor:
             if backend is None:
                 backend = select_backend(self.config.collect.backend, device, dtype)
                 self._backends[(device, dtype)] = backend
-            grads = [params[i].grad for i in indices]  # type: ignore[union-attr]
-            weights = [params[i] for i in indices]
-            partials = backend(grads)  # type: ignore[arg-type]
-            param_sq = param_sum_squares(weights)  # type: ignore[arg-type]
-            block = torch.cat([partials, param_sq.unsqueeze(1)], dim=1)
-            if device.type != "cpu":
-                # Non-blocking copy into pinned memory behind an event: published once the
-                # event has completed, never waited for on the training thread.
-                staging = torch.empty(block.shape, dtype=torch.float64, pin_memory=True)
-                staging.copy_(block, non_blocking=True)
-                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                event.record(torch.cuda.current_stream(device))
-                events.append(event)
-                block = staging
-            parts.append((block, indices))
+            partials = backend([grads[i] for i in indices])
+            if grad_scale is not None:
+                # A fused optimizer under a GradScaler sees scaled grads: unscale the
+                # statistics on the device.
+                partials = _unscale_partials(partials, grad_scale)
+            param_sq = param_sum_squares([weights[i] for i in indices])
+            block = torch.cat([partials, param_sq.unsqueeze(1).to(partials.device)], dim=1)
+            parts.append((self._to_host(block, events), indices))
+        amp = None
+        if skip_flag is not None and self._fused_skips is not None:
+            amp = self._to_host(torch.stack([skip_flag, self._fused_skips]), events)
         if self._sinks:
             by_layer: dict[str, list[torch.Tensor]] = {}
             for indices in groups.values():
                 for i in indices:
                     name = self._layer_names[self._layer_of[i]]
-                    by_layer.setdefault(name, []).append(params[i].grad)  # type: ignore[union-attr,arg-type]
+                    by_layer.setdefault(name, []).append(grads[i])
             for sink in self._sinks:
                 with self._guard("sink"):
                     sink.on_collect(step, by_layer)
         for i in range(len(self._received)):
             self._received[i] = False
-        self._pending.append(_Pending(step, skipped, started, parts, fresh, events))
+        self._pending.append(_Pending(step, skipped, started, parts, fresh, events, amp))
         self._publish_ready(wait=False)
+
+    @staticmethod
+    def _to_host(block: torch.Tensor, events: list[torch.cuda.Event]) -> torch.Tensor:
+        """CPU: the block itself. Otherwise a non-blocking copy into pinned memory behind
+        an event: published once the event has completed, never waited for here."""
+        if block.device.type == "cpu":
+            return block
+        staging = torch.empty(block.shape, dtype=torch.float64, pin_memory=True)
+        staging.copy_(block, non_blocking=True)
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(block.device))
+        events.append(event)
+        return staging
 
     def _fresh_gradients(self) -> list[bool]:
         """Which parameters received a gradient since the last collection.
@@ -411,7 +611,13 @@ class Monitor:
         table = torch.zeros((len(entry.fresh), NCOLS + 1), dtype=torch.float64)
         for block, indices in entry.parts:
             table[indices] = block
-        self._publish(entry.step, entry.skipped, entry.started, table, entry.fresh)
+        skipped = entry.skipped
+        if entry.amp is not None:
+            step_skipped, skipped_so_far = entry.amp.tolist()  # sync-ok: host memory by now
+            skipped = skipped or step_skipped > 0
+            with self._lock:
+                self._fused_skipped = max(self._fused_skipped, int(skipped_so_far))
+        self._publish(entry.step, skipped, entry.started, table, entry.fresh)
 
     def _publish(
         self, step: int, skipped: bool, started: float, table: torch.Tensor, fresh: list[bool]
@@ -437,7 +643,10 @@ class Monitor:
                 else:
                     layers[name] = no_grad_layer(numel, param_sq)
             norm = global_norm(layers)
-            anomalies = self._health.evaluate(step, layers, norm)
+            # An empty shard (FSDP: a rank may hold no element of a small parameter) is
+            # neither vanishing nor dead: leave it to the ranks that hold the elements.
+            judged = {n: s for n, s in layers.items() if s.numel > 0}
+            anomalies = self._health.evaluate(step, judged, norm)
             nonfinite = any(s.nan_count or s.inf_count for s in layers.values())
             snap = Snapshot(
                 step=step,
@@ -531,17 +740,29 @@ class Monitor:
     def layer_names(self) -> list[str]:
         return list(self._layer_names)
 
+    def _exports_layers(self, rank: int | None) -> bool:
+        """Whether this rank exports the per-layer families (exporter.per_layer_ranks)."""
+        cfg = self.config.exporter
+        if not cfg.per_layer:
+            return False
+        if rank is None or rank == 0 or cfg.per_layer_ranks == "all":
+            return True
+        # auto: replicated grads (DDP) are the same on every rank, rank 0 speaks for all;
+        # sharded ones (FSDP) are additive partials, every rank exports its own.
+        return cfg.per_layer_ranks == "auto" and self._sharded
+
     def _export_state(self) -> ExportState:
+        rank = self._rank_now()
         with self._lock:
             scalars = dict(self._scalars)
             state = ExportState(
                 version=__version__,
                 run_id=self.run_id,
-                rank=self._rank,
+                rank=rank,
                 steps_total=self._steps,
                 collections_total=self._collections,
                 nonfinite_steps_total=self._nonfinite_steps,
-                skipped_steps_total=self._skipped_steps,
+                skipped_steps_total=self._skipped_steps + self._fused_skipped,
                 snapshot=self._snapshot,
                 layer_names=self._exported_layers,
                 anomalies_total=dict(self._anomalies_total),
@@ -549,9 +770,11 @@ class Monitor:
                 errors_total=dict(self._errors),
                 global_norm_hist=self._norm_hist.copy(),
                 duration_hist=self._duration_hist.copy(),
-                per_layer=self.config.exporter.per_layer,
+                per_layer=self._exports_layers(rank),
             )
-        # Tensor scalars and the loss scale are read here, on the scrape thread.
+        # Tensor scalars and the loss scale are read here, on the scrape thread: on CUDA
+        # that read waits for the GPU on this thread only (item() releases the GIL), never
+        # on the training thread.
         with self._guard("export"):
             state.scalars = {k: scalar_value(v) for k, v in scalars.items()}
             if self._scaler is not None:
@@ -568,8 +791,11 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if getattr(self, "_restore_scaler", None) is not None:
-            self._restore_scaler()  # type: ignore[misc]
+        if getattr(self, "_hook_key", None) is not None:
+            _STEP_HOOK_MONITORS.pop(self._hook_key, None)  # type: ignore[arg-type]
+        unwatch = getattr(self, "_unwatch_scaler", None)
+        if unwatch is not None:
+            unwatch()
         for sink in getattr(self, "_sinks", []):
             with self._guard("sink"):
                 sink.close()

@@ -44,7 +44,17 @@ class Anomaly:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The latest published state of one collection."""
+    """The latest published state of one collection, as this process (rank) saw it.
+
+    - One process, DDP, DataParallel: the statistics are of the gradients the optimizer
+      steps with, i.e. after DDP's all-reduce (the average over ranks), so every DDP rank
+      holds the same Snapshot.
+    - FSDP2 (`fully_shard`): each rank sees its local shard of every parameter (the
+      DTensor's `to_local()`, possibly empty). `LayerStats.numel` and every magnitude are
+      the shard's; `sum_squares`, the counts and `numel` add up over ranks (sqrt of the
+      summed `sum_squares` is the layer norm, the max of `abs_max` the layer's abs-max),
+      while `norm`, `rms`, `mean` and `global_norm` are this rank's shard only.
+    """
 
     step: int
     global_norm: float  # L2 over the finite entries of every monitored grad

@@ -1,0 +1,91 @@
+"""What the agent needs from torch.distributed: the rank label, the metrics port, shards.
+
+- DDP: the optimizer's step pre-hook runs after DDP has all-reduced the gradients, so
+  every rank computes the same statistics of the same (averaged) gradients.
+- FSDP2 (`fully_shard`): parameters and gradients are DTensors; each rank computes on
+  its local shard (`to_local()`, possibly empty) and exports additive partials, which
+  PromQL sums over ranks (`gradmon_grad_sum_squares`: sqrt of the sum is the layer norm).
+
+The process group is often initialised after `attach()`, so the rank is read lazily (at
+export), never cached as "no rank" at attach. The port is fixed at attach, from
+`LOCAL_RANK` (torchrun, most launchers) or, failing that, the rank of an initialised group.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+from gradmon.errors import GradmonError
+
+__all__ = ["is_sharded", "local_rank", "local_tensor", "metrics_port", "rank_label"]
+
+
+def rank_label() -> int | None:
+    """This process's global rank when several ranks train together, else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return int(dist.get_rank())
+    return None
+
+
+def local_rank() -> int:
+    """The rank within this host: $LOCAL_RANK, else the global rank of an initialised
+    group (single-host launchers that set no LOCAL_RANK), else 0."""
+    raw = os.environ.get("LOCAL_RANK", "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise GradmonError(
+                f"environment variable LOCAL_RANK={raw!r}: needs a non-negative integer "
+                "(the rank of this process on its host; torchrun sets it)"
+            )
+        return value
+    rank = rank_label()
+    return rank if rank is not None else 0
+
+
+def metrics_port(base: int) -> int:
+    """The port this rank serves /metrics on: `exporter.port + local_rank` (0 stays 0)."""
+    if base == 0:
+        return 0
+    rank = local_rank()
+    port = base + rank
+    if port > 65535:
+        raise GradmonError(
+            f"exporter.port={base} + local rank {rank} = {port} is past 65535; "
+            "choose a lower exporter.port"
+        )
+    return port
+
+
+def _dtensor_type() -> type | None:
+    # No import: if torch.distributed.tensor was never imported, no DTensor exists.
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None)
+    return cls if isinstance(cls, type) else None
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: a DTensor's local shard (may hold no element), else `t`."""
+    if type(t) is torch.Tensor or type(t) is nn.Parameter:  # the common case, no lookups
+        return t
+    cls = _dtensor_type()
+    if cls is not None and isinstance(t, cls):
+        local: torch.Tensor = t.to_local()  # type: ignore[attr-defined]
+        return local
+    return t
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for a DTensor with a Shard placement: its local parts add up across ranks."""
+    cls = _dtensor_type()
+    if cls is None or not isinstance(t, cls):
+        return False
+    return any(p.is_shard() for p in t.placements)  # type: ignore[attr-defined]
