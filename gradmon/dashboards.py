@@ -319,13 +319,15 @@ def overview() -> dash_m.Dashboard:
                         f"max({g}{{{SEL}}})",
                     ),
                     age_stat,
+                    # Every stage is exported from 0, so this is 0 on a healthy run; it is
+                    # empty only until the rate window of a new run holds two scrapes.
                     _stat(
                         "Agent errors / s",
                         "Failures inside the agent per second, all stages. Training goes on; "
                         "see the agent's log and 'Agent errors by stage'.",
                         f"sum(rate(gradmon_agent_errors_total{{{SEL}}}[{RATE}]))",
                         unit="short",
-                    ).no_value("0"),  # the family has no series until a stage fails
+                    ).no_value("0"),
                 ],
             ),
             (

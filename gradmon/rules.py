@@ -85,9 +85,6 @@ class RuleOptions:
     stalled_for: str = "5m"
     nonfinite_window: str = "5m"
     nonfinite_for: str = "1m"
-    # Without a GradScaler: a loop that skips (mon.collect(skipped=True)) more than this
-    # fraction of its steps is not training.
-    nonfinite_max_skipped_ratio: float = 0.5
     exploding_window: str = "2m"  # max_over_time: one healthy scrape must not reset `for`
     exploding_for: str = "5m"
     vanishing_for: str = "15m"
@@ -147,11 +144,6 @@ class RuleOptions:
         if not (math.isfinite(self.loss_scale_floor) and self.loss_scale_floor > 0):
             raise GradmonError(
                 f"RuleOptions.loss_scale_floor: {self.loss_scale_floor!r} must be finite and > 0"
-            )
-        if not 0 < self.nonfinite_max_skipped_ratio < 1:
-            raise GradmonError(
-                "RuleOptions.nonfinite_max_skipped_ratio: "
-                f"{self.nonfinite_max_skipped_ratio!r} must be in (0, 1)"
             )
         if self.loss_scale_max_halvings < 1:
             raise GradmonError(
@@ -234,7 +226,6 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
     floor = _num(o.loss_scale_floor, "RuleOptions.loss_scale_floor")
     drop = _num(2.0**o.loss_scale_max_halvings, "RuleOptions.loss_scale_max_halvings")
     width = _num(NORM_BUCKET_RATIO, "NORM_BUCKET_RATIO")
-    skipped_ratio = _num(o.nonfinite_max_skipped_ratio, "RuleOptions.nonfinite_max_skipped_ratio")
     nf = o.nonfinite_window
     g = "gradmon_grad_global_norm"
     # The median of the global norm over a window that ended spike_baseline_offset ago,
@@ -297,30 +288,29 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         ),
         alert(
             "GradmonNonFiniteGradients",
-            # Skipping a step with inf/NaN grads is what a GradScaler does (occasional
-            # skips are healthy AMP) and what a loop calling mon.collect(skipped=True)
-            # does. Alert on non-finite steps while nothing skipped any, i.e. they reached
-            # the optimizer; or, without a scaler, on a loop skipping most of its steps.
-            # A scaler that keeps skipping is GradmonLossScaleCollapse.
+            # Skipping a step with inf/NaN grads is what a GradScaler is for: occasional
+            # skips are healthy AMP, and a scaler that keeps skipping is
+            # GradmonLossScaleCollapse. Without AMP a NaN/Inf gradient is never normal,
+            # whether the loop skipped the step (mon.collect(skipped=True)) or not. So:
+            # non-finite steps, unless the run has a scaler in play (a gradmon_loss_scale
+            # other than exactly 1, the value of a disabled GradScaler(enabled=False))
+            # and steps were skipped in the same window. With a scaler and no skip, the
+            # non-finite steps reached the optimizer.
+            f"max by ({run}) (increase(gradmon_nonfinite_steps_total[{nf}])) > 0\n"
+            f"unless on ({run})\n"
             f"(\n"
-            f"  max by ({run}) (increase(gradmon_nonfinite_steps_total[{nf}])) > 0\n"
-            f"  unless on ({run})\n"
             f"  max by ({run}) (increase(gradmon_skipped_steps_total[{nf}])) > 0\n"
-            f")\n"
-            f"or\n"
-            f"(\n"
-            f"  max by ({run}) (increase(gradmon_skipped_steps_total[{nf}]))\n"
-            f"    > {skipped_ratio} * max by ({run}) (increase(gradmon_steps_total[{nf}]))\n"
-            f"  unless on ({run})\n"
-            f"  gradmon_loss_scale\n"
+            f"  and on ({run})\n"
+            f"  max by ({run}) (gradmon_loss_scale) != 1\n"
             f")",
             o.nonfinite_for,
             "critical",
             "NaN/Inf gradients in {{ $labels.job }}",
-            '{{ $value | printf "%.0f" }} steps of {{ $labels.job }} in the last '
-            f"{nf} had NaN/Inf gradients that no GradScaler absorbed: they reached the "
-            f"optimizer, or the training loop skipped them and they were over {skipped_ratio} "
-            "of its steps. gradmon_layer_nonfinite_steps_total names the layers.",
+            '{{ $value | printf "%.0f" }} collected steps of {{ $labels.job }} in the last '
+            f"{nf} had NaN/Inf gradient entries that no GradScaler absorbed: the run has "
+            "no active scaler (without AMP, NaN/Inf is never normal, skipped or not), or "
+            "its scaler skipped no step, so they reached the optimizer. "
+            "gradmon_layer_nonfinite_steps_total names the layers.",
         ),
         alert(
             "GradmonExplodingGradients",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from gradmon import Config, GradmonError
 from gradmon.cli import main as cli_main
@@ -46,6 +47,7 @@ from gradmon.rules import RuleOptions, render
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "dashboards"
+ALERTMANAGER_CONFIG = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
 IN_CI = bool(os.environ.get("CI"))
 
 # The shipped RuleOptions with every window and `for` scaled from minutes to seconds, so
@@ -56,12 +58,6 @@ E2E_OPTIONS = RuleOptions(
     stalled_for="5s",
     nonfinite_window="30s",
     nonfinite_for="3s",
-    # The nonfinite demo skips the poisoned step (mon.collect(skipped=True)), 1 step in
-    # 100. As shipped (0.5), the rule deliberately stays quiet for a loop that skips an
-    # occasional non-finite step, like for GradScaler skips: the nonfinite demo never
-    # fires it. 0.001 makes any skipped step in the window fire it, so that this test
-    # sees GradmonNonFiniteGradients go through Prometheus and Alertmanager.
-    nonfinite_max_skipped_ratio=0.001,
     exploding_window="10s",
     exploding_for="3s",
     vanishing_for="10s",
@@ -96,7 +92,6 @@ GRAFANA_VALUES = {
 NO_DATA_OK = {
     "gradmon_loss_scale": "no GradScaler in the demo (CPU, fp32)",
     "gradmon_update_ratio": "opt-in; the demo does not enable it",
-    "gradmon_agent_errors_total": "a series per failing stage: none while the agent works",
     "GradmonLossScaleCollapse": "no GradScaler in the demo",
 }
 
@@ -157,7 +152,10 @@ def stack(
     _binaries()
     rules = tmp_path_factory.mktemp("rules") / "gradmon.rules.yml"
     rules.write_text(render(Config(), "prometheus", options=E2E_OPTIONS), encoding="utf-8")
-    local = LocalStack([rules], webhook_url=webhook.url)
+    # The shipped inhibit rules: what is delivered here is what the shipped config pages.
+    shipped = yaml.safe_load(ALERTMANAGER_CONFIG.read_text(encoding="utf-8"))
+    assert shipped["inhibit_rules"], f"{ALERTMANAGER_CONFIG} has no inhibit_rules"
+    local = LocalStack([rules], webhook_url=webhook.url, inhibit_rules=shipped["inhibit_rules"])
     with local:
         pids = local.pids
         assert set(pids) == {"prometheus", "alertmanager"}
@@ -178,6 +176,9 @@ class Run:
     states: dict[str, set[str]] = field(default_factory=dict)  # alertname -> states
     alerts: dict[str, dict[str, Any]] = field(default_factory=dict)  # firing ones
     live_at: list[float] = field(default_factory=list)  # times the target was up
+    # Alertmanager's view at every poll: alertname -> states ("active", "suppressed"...)
+    # of the job's alerts it held then.
+    am_polls: list[dict[str, set[str]]] = field(default_factory=list)
 
     @property
     def firing(self) -> set[str]:
@@ -221,6 +222,12 @@ def _paced_run(stack: LocalStack, scenario: str, steps: int) -> Run:
                 run.states.setdefault(name, set()).add(alert["state"])
                 if alert["state"] == "firing":
                     run.alerts.setdefault(name, alert)
+        held: dict[str, set[str]] = {}
+        for alert in stack.alertmanager_alerts():
+            if alert["labels"].get("job") == run.job:
+                held.setdefault(alert["labels"]["alertname"], set()).add(alert["status"]["state"])
+        if held:
+            run.am_polls.append(held)
         time.sleep(POLL)
     thread.join(timeout=max(0.0, deadline - time.monotonic()))
     assert not thread.is_alive(), f"the {scenario} run did not end within its time"
@@ -309,6 +316,28 @@ def test_exploding_run_fires_and_is_delivered(exploding: Run, webhook: WebhookRe
         lambda: "firing" in _delivered(webhook, exploding.job).get("GradmonExplodingGradients", ()),
         DELIVERY_WAIT,
     )
+    # It pages as exploding: nothing suppressed it in Alertmanager at any poll.
+    held = [
+        p["GradmonExplodingGradients"]
+        for p in exploding.am_polls
+        if "GradmonExplodingGradients" in p
+    ]
+    assert held and not any("suppressed" in s for s in held), exploding.am_polls
+    # The gradients stayed finite (the loss overflowed, the loop skipped every later
+    # step): no NaN/Inf alert, not even pending, and none delivered.
+    if "nonfinite" not in exploding.result.anomaly_counts:
+        assert "GradmonNonFiniteGradients" not in exploding.states, exploding.states
+        assert "GradmonNonFiniteGradients" not in _delivered(webhook, exploding.job)
+    # Its debris (tanh saturation leaves dead layers below) is inhibited while it fires.
+    delivered = _delivered(webhook, exploding.job)
+    for name in ("GradmonDeadLayer", "GradmonVanishingGradients", "GradmonGradNormSpike"):
+        assert "firing" not in delivered.get(name, ()), (name, delivered)
+        beside = [
+            p[name]
+            for p in exploding.am_polls
+            if name in p and "active" in p.get("GradmonExplodingGradients", ())
+        ]
+        assert not beside or any("suppressed" in s for s in beside), (name, exploding.am_polls)
 
 
 @pytest.mark.slow
@@ -319,6 +348,9 @@ def test_nonfinite_run_fires_and_is_delivered(nonfinite: Run, webhook: WebhookRe
     alert = nonfinite.alerts["GradmonNonFiniteGradients"]
     assert alert["labels"]["severity"] == "critical"
     assert alert["annotations"]["summary"] == f"NaN/Inf gradients in {nonfinite.job}"
+    # No GradScaler in the demo: the NaN steps the loop skipped count as they are.
+    assert float(alert["value"]) >= 1
+    assert "no active scaler" in alert["annotations"]["description"]
     # The NaN steps were skipped: the weights stayed finite, no magnitude alert follows.
     assert nonfinite.firing == {"GradmonNonFiniteGradients"}, nonfinite.states
     _wait_for(

@@ -116,6 +116,20 @@ def test_expressions_avoid_grafana_variables_and_nan_compares() -> None:
     assert "increase(gradmon_nonfinite_steps_total" in nonfinite
 
 
+def test_nonfinite_fires_on_nonfinite_steps_only() -> None:
+    """NaN/Inf gradients are spared only where an active GradScaler skipped steps; how
+    many steps a loop skips (its loss overflowed, its grads finite) is no NaN."""
+    expr = alerts(render(Config()))["GradmonNonFiniteGradients"]["expr"]
+    first, _, spared = expr.partition("unless on (namespace, job)")
+    assert first.strip() == (
+        "max by (namespace, job) (increase(gradmon_nonfinite_steps_total[5m])) > 0"
+    )
+    assert "increase(gradmon_skipped_steps_total[5m])) > 0" in spared
+    assert "(gradmon_loss_scale) != 1" in spared  # GradScaler(enabled=False) reads 1.0
+    assert "gradmon_steps_total" not in expr
+    assert not hasattr(RuleOptions(), "nonfinite_max_skipped_ratio")
+
+
 # ------------------------------------------------------------------ config flows in
 def test_thresholds_flow_from_config() -> None:
     default = alerts(render(Config()))
@@ -173,7 +187,6 @@ def test_rule_options_flow_into_expressions() -> None:
         ({"spike_window": "10m"}, "spike_window"),
         ({"run_labels": ("job", "bad-label")}, "run_labels"),
         ({"loss_scale_floor": 0.0}, "loss_scale_floor"),
-        ({"nonfinite_max_skipped_ratio": 1.0}, "nonfinite_max_skipped_ratio"),
         ({"loss_scale_max_halvings": 0}, "loss_scale_max_halvings"),
     ],
 )
@@ -282,6 +295,36 @@ def test_alertmanager_config() -> None:
     assert hooks == ["http://127.0.0.1:5001/"]
     result = run(tool("amtool"), "check-config", path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _matching(matchers: list[str]) -> set[str]:
+    """The gradmon alerts an inhibit rule's alertname matchers select."""
+    selected = set(ALERT_NAMES)
+    for matcher in matchers:
+        m = re.fullmatch(r'alertname\s*(=~|=)\s*"([^"]*)"', matcher)
+        assert m, f"unexpected matcher {matcher!r}: only alertname= / alertname=~"
+        op, value = m.groups()
+        selected = {a for a in selected if (re.fullmatch(value, a) if op == "=~" else a == value)}
+    return selected
+
+
+def test_alertmanager_inhibit_rules() -> None:
+    """NaN/Inf and a collapsed loss scale suppress the small-gradient debris only; an
+    exploding run pages as exploding, nothing suppresses GradmonExplodingGradients."""
+    path = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
+    rules = yaml.safe_load(path.read_text(encoding="utf-8"))["inhibit_rules"]
+    inhibits: dict[str, set[str]] = {}
+    for rule in rules:
+        assert rule["equal"] == ["namespace", "job"], rule
+        sources, targets = _matching(rule["source_matchers"]), _matching(rule["target_matchers"])
+        assert sources and targets and not sources & targets, rule
+        for source in sources:
+            inhibits.setdefault(source, set()).update(targets)
+    assert not any("GradmonExplodingGradients" in t for t in inhibits.values()), inhibits
+    debris = {"GradmonVanishingGradients", "GradmonDeadLayer"}
+    assert inhibits["GradmonNonFiniteGradients"] == debris
+    assert inhibits["GradmonLossScaleCollapse"] == debris
+    assert inhibits["GradmonExplodingGradients"] == debris | {"GradmonGradNormSpike"}
 
 
 def test_podmonitor() -> None:
