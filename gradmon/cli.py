@@ -82,6 +82,81 @@ def _dashboards_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gradmon import viz
+
+    out = args.output or str(Path(args.record).with_suffix(".png"))
+    try:
+        path = viz.plot_record(args.record, out)
+    except ImportError as exc:
+        raise GradmonError(str(exc)) from None
+    print(f"wrote {path}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    """`3`, `0,2,5` or `0-7` (inclusive) -> a list of ints."""
+    units: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            units.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected e.g. 3, 0,2,5 or 0-7") from None
+    if not units:
+        raise argparse.ArgumentTypeError(f"{text!r}: no units")
+    return units
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected sizes like 1,3,32,32") from None
+    return shape
+
+
+def _viz_maximize(args: argparse.Namespace) -> int:
+    import torch
+
+    from gradmon import viz
+
+    try:
+        # A full pickled nn.Module: unpickling runs code from the file (weights_only=False).
+        model = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ModuleNotFoundError, AttributeError) as exc:
+        raise GradmonError(f"cannot load --checkpoint {args.checkpoint}: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise GradmonError(
+            f"--checkpoint {args.checkpoint} holds a {type(model).__name__}, not a pickled "
+            "nn.Module (save one with torch.save(model, path); a state_dict is not enough)"
+        )
+    inputs, titles = [], []
+    for unit in args.unit:
+        x = viz.maximize_activation(
+            model,
+            args.module,
+            unit,
+            args.shape,
+            steps=args.steps,
+            lr=args.lr,
+            l2=args.l2,
+            tv=args.tv,
+            jitter=args.jitter,
+            seed=args.seed,
+        )
+        inputs.append(x)
+        titles.append(f"{args.module} unit {unit}")
+    try:
+        path = viz.plot_inputs(inputs, args.output, titles)
+    except ImportError as exc:
+        raise GradmonError(str(exc)) from None
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gradmon.version import __version__
 
@@ -166,6 +241,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--folder", default=None, help="folder title, created if missing (default: General)"
     )
     push.set_defaults(func=_dashboards_push)
+
+    plot = sub.add_parser(
+        "plot", help="a PNG report of a record file (record.path): norms, layer heatmap, anomalies"
+    )
+    plot.add_argument("record", help="a gradmon record file (JSONL)")
+    plot.add_argument(
+        "-o", "--output", default=None, help="the PNG to write (default: RECORD with .png)"
+    )
+    plot.set_defaults(func=_plot)
+
+    viz = sub.add_parser("viz", help="visual tools for a model (needs gradmon[viz])")
+    viz_sub = viz.add_subparsers(dest="viz_command", required=True, metavar="ACTION")
+    maximize = viz_sub.add_parser(
+        "maximize",
+        help="activation maximization: the input each unit of a module responds to most",
+        description="Optimizes an input per unit by gradient ascent and saves them as an image "
+        "grid. --checkpoint must be a full model saved with torch.save(model, path); it is "
+        "loaded with torch.load(weights_only=False), which runs code from the file: only use "
+        "checkpoints you trust.",
+    )
+    maximize.add_argument("--module", required=True, help="module name, as in named_modules()")
+    maximize.add_argument(
+        "--unit", required=True, type=_int_list, help="channel(s) of dim 1: 3, 0,2,5 or 0-7"
+    )
+    maximize.add_argument("--shape", required=True, type=_shape, help="input shape, e.g. 1,3,32,32")
+    maximize.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a full pickled model (torch.save(model, path)); loaded with "
+        "torch.load(weights_only=False): trusted files only",
+    )
+    maximize.add_argument("-o", "--output", default="maximize.png", help="the PNG to write")
+    maximize.add_argument("--steps", type=int, default=200, help="ascent steps per unit")
+    maximize.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
+    maximize.add_argument("--l2", type=float, default=1e-3, help="weight of mean(x^2)")
+    maximize.add_argument("--tv", type=float, default=1e-2, help="weight of total variation")
+    maximize.add_argument("--jitter", type=int, default=2, help="random shift, pixels")
+    maximize.add_argument("--seed", type=int, default=0)
+    maximize.set_defaults(func=_viz_maximize)
     return parser
 
 

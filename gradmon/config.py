@@ -127,6 +127,9 @@ class RecordConfig(_Section):
     mode: Literal["append", "overwrite"] = Field(
         "append", description="append to an existing file, or start it afresh"
     )
+    every: int = Field(
+        1, ge=1, description="write every n-th snapshot, and every one with an anomaly"
+    )
     max_queue: int = Field(
         1000, ge=1, description="snapshots waiting for the writer thread; past it they are dropped"
     )

@@ -27,6 +27,23 @@ class Sink(Protocol):
 
 
 def build_sinks(config: Any) -> list[Sink]:
-    """The sinks a Config asks for (tensorboard.logdir, record.path); imported lazily."""
+    """The sinks a Config asks for (tensorboard.logdir, record.path); imported lazily.
+
+    A sink that cannot start (unwritable path, TensorBoard not installed) raises
+    GradmonError here, at attach(), after closing the ones already started.
+    """
     sinks: list[Sink] = []
+    try:
+        if config.record.path is not None:
+            from gradmon.sinks.record import RecordSink
+
+            sinks.append(RecordSink(config.record))
+        if config.tensorboard.logdir is not None:
+            from gradmon.sinks.tensorboard import TensorBoardSink
+
+            sinks.append(TensorBoardSink(config.tensorboard))
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
     return sinks

@@ -1,0 +1,542 @@
+"""Visual tools: a record file over time, one step's gradients, activation maximization.
+
+    gradmon.viz.plot_record("run.jsonl", "report.png")    # `gradmon plot run.jsonl -o report.png`
+    gradmon.viz.plot_gradients(model, "grads.png")         # after backward(), or a Snapshot
+    x = gradmon.viz.maximize_activation(model, "features.3", unit=5, input_shape=(1, 3, 32, 32))
+
+matplotlib is an extra (`pip install gradmon[viz]`), imported when a plot is drawn. The
+figures are drawn with matplotlib's object API on its Agg canvas (no pyplot), so they
+need no display and leave the backend of an interactive session alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from gradmon.errors import GradmonError
+from gradmon.snapshot import ANOMALY_KINDS, LayerStats, Snapshot
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["maximize_activation", "plot_gradients", "plot_inputs", "plot_record"]
+
+ANOMALY_COLORS = {
+    "nonfinite": "#d62728",
+    "exploding": "#ff7f0e",
+    "spike": "#e377c2",
+    "vanishing": "#1f77b4",
+    "dead": "#000000",
+}
+_MAX_HEATMAP_COLUMNS = 1500  # longer records are averaged (in log space) into this many
+_MAX_MARKERS = 4000  # anomaly markers drawn on the heatmap, evenly thinned past this
+_LABELLED_LINES = 8  # zero-ratio lines with a legend entry
+_START_SCALES = (0.1, 1.0, 4.0)  # noise levels maximize_activation starts from, in turn
+
+
+def _figure(width: float, height: float) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError(
+            "gradmon.viz needs matplotlib, which is not installed: pip install 'gradmon[viz]'"
+        ) from exc
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig: Figure, out_png: str | os.PathLike[str]) -> Path:
+    out = Path(out_png)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png")
+    except OSError as exc:
+        raise GradmonError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def _num(value: Any) -> float:
+    """A record value (None = NaN/Inf in the file) as a float."""
+    return math.nan if value is None else float(value)
+
+
+def _log10(value: float) -> float:
+    return math.log10(value) if value > 0 and math.isfinite(value) else math.nan
+
+
+# --------------------------------------------------------------------- record file
+def plot_record(record_path: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> Path:
+    """A report of a record file (see gradmon.sinks.record) as one PNG; returns its path.
+
+    Panels: the global gradient norm (and logged losses) over steps, log y; a layers ×
+    steps heatmap of log10 gradient norm; each layer's zero ratio over steps. Anomalies
+    are marked where they happened, coloured by kind: on the heatmap at their layer, and
+    on the global norm curve. A step recorded twice (a resumed run) shows its last line.
+    """
+    import numpy as np
+
+    from gradmon.sinks.record import read_record
+
+    records = read_record(record_path)
+    by_step = {int(r["step"]): r for r in records}  # last line of a step wins
+    steps = sorted(by_step)
+    rows = [by_step[s] for s in steps]
+    layers: dict[str, None] = {}
+    for r in rows:
+        layers.update(dict.fromkeys(r["layers"]))
+    names = list(layers)
+    index = {n: i for i, n in enumerate(names)}
+    n_steps, n_layers = len(steps), len(names)
+
+    x = np.asarray(steps, dtype=float)
+    global_norm = np.array([_num(r.get("global_norm")) for r in rows])
+    log_norm = np.full((n_layers, n_steps), np.nan)
+    zero_ratio = np.full((n_layers, n_steps), np.nan)
+    marks: dict[str, list[tuple[float, float]]] = {k: [] for k in ANOMALY_KINDS}
+    step_marks: dict[str, set[int]] = {k: set() for k in ANOMALY_KINDS}
+    for j, r in enumerate(rows):
+        for name, s in r["layers"].items():
+            i = index[name]
+            log_norm[i, j] = _log10(_num(s.get("norm")))
+            zero_ratio[i, j] = _num(s.get("zero_ratio"))
+        for a in r.get("anomalies") or []:
+            kind = str(a.get("kind"))
+            marks.setdefault(kind, [])
+            step_marks.setdefault(kind, set()).add(j)
+            if a.get("layer") in index:
+                marks[kind].append((x[j], float(index[a["layer"]])))
+    losses = sorted({k for r in rows for k in (r.get("scalars") or {}) if "loss" in k.lower()})
+
+    height = 8.5 + min(n_layers, 60) * 0.08
+    fig = _figure(13, height)
+    top, heat, zeros = fig.subplots(
+        3, 1, sharex=True, gridspec_kw={"height_ratios": [1.2, 2.2, 1.0]}
+    )
+    n_anomalies = sum(len(r.get("anomalies") or []) for r in rows)
+    fig.suptitle(
+        f"gradmon record {Path(record_path).name}: {n_steps} collections, steps "
+        f"{steps[0]}..{steps[-1]}, {n_layers} layers, {n_anomalies} anomalies"
+    )
+
+    # Global norm and losses.
+    positive = np.where(global_norm > 0, global_norm, np.nan)
+    top.plot(x, positive, color="#333333", lw=1.2, label="global grad norm")
+    top.set_yscale("log")
+    top.set_ylabel("global grad norm")
+    handles, labels = top.get_legend_handles_labels()
+    if losses:
+        right = top.twinx()
+        curves = [
+            np.array([_num((r.get("scalars") or {}).get(name)) for r in rows])
+            for name in losses[:3]
+        ]
+        for k, (name, values) in enumerate(zip(losses, curves, strict=False)):
+            right.plot(x, values, lw=1.0, color=f"C{k + 2}", alpha=0.9, label=name)
+        finite = np.concatenate([c[np.isfinite(c)] for c in curves])
+        if finite.size and finite.min() > 0:
+            right.set_yscale("log")
+        right.set_ylabel(", ".join(losses[:3]))
+        h2, l2 = right.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    for kind, js in step_marks.items():
+        if not js:
+            continue
+        where = sorted(js)
+        y = positive[where]
+        y = np.where(np.isfinite(y), y, np.nanmax(positive) if np.isfinite(positive).any() else 1)
+        handles.append(
+            top.scatter(
+                x[where], y, s=22, color=ANOMALY_COLORS.get(kind, "#7f7f7f"), zorder=3, label=kind
+            )
+        )
+        labels.append(kind)
+    top.legend(handles, labels, loc="upper left", fontsize=8, ncols=min(len(labels), 6))
+    top.grid(True, which="major", alpha=0.3)
+
+    # Heatmap of log10 norm, columns averaged in log space past _MAX_HEATMAP_COLUMNS.
+    edges = _edges(x)
+    image = log_norm
+    if n_steps > _MAX_HEATMAP_COLUMNS:
+        groups = np.array_split(np.arange(n_steps), _MAX_HEATMAP_COLUMNS)
+        with warnings.catch_warnings():  # all-NaN groups: "Mean of empty slice"
+            warnings.simplefilter("ignore", RuntimeWarning)
+            image = np.stack([np.nanmean(log_norm[:, g], axis=1) for g in groups], axis=1)
+        edges = np.array([edges[g[0]] for g in groups] + [edges[-1]])
+    from matplotlib import colormaps
+
+    masked = np.ma.masked_invalid(image)
+    cmap = colormaps["viridis"].with_extremes(bad="#dddddd")
+    mesh = heat.pcolormesh(edges, np.arange(n_layers + 1) - 0.5, masked, cmap=cmap, shading="flat")
+    cax = heat.inset_axes((1.005, 0.0, 0.012, 1.0))
+    fig.colorbar(mesh, cax=cax, label="log10 grad norm (grey: zero or no data)")
+    heat.set_ylim(n_layers - 0.5, -0.5)
+    tick_every = max(1, math.ceil(n_layers / 40))
+    heat.set_yticks(range(0, n_layers, tick_every))
+    heat.set_yticklabels(
+        [names[i] for i in range(0, n_layers, tick_every)], fontsize=7 if n_layers > 15 else 8
+    )
+    heat.set_ylabel("layer")
+    for kind, points in marks.items():
+        if not points:
+            continue
+        if len(points) > _MAX_MARKERS:
+            points = points[:: math.ceil(len(points) / _MAX_MARKERS)]
+        px, py = zip(*points, strict=True)
+        heat.scatter(
+            px, py, s=14, marker="x", color=ANOMALY_COLORS.get(kind, "#7f7f7f"), linewidths=1.2
+        )
+
+    # Zero ratios: the layers that reached the highest ratios get a legend entry.
+    peak = np.where(np.isfinite(zero_ratio), zero_ratio, -1).max(axis=1)
+    labelled = set(np.argsort(-peak, kind="stable")[:_LABELLED_LINES].tolist())
+    for i in range(n_layers):
+        if i in labelled:
+            zeros.plot(x, zero_ratio[i], lw=1.1, label=names[i])
+        else:
+            zeros.plot(x, zero_ratio[i], lw=0.6, color="#bbbbbb")
+    zeros.set_ylim(-0.03, 1.03)
+    zeros.set_ylabel("zero ratio")
+    zeros.set_xlabel("step")
+    zeros.grid(True, alpha=0.3)
+    zeros.legend(loc="upper left", fontsize=7, ncols=2)
+    return _save(fig, out_png)
+
+
+def _edges(x: Any) -> Any:
+    """Cell edges around step positions (midpoints; the ends mirror their neighbour)."""
+    import numpy as np
+
+    if len(x) == 1:
+        return np.array([x[0] - 0.5, x[0] + 0.5])
+    mid = (x[1:] + x[:-1]) / 2
+    return np.concatenate([[x[0] - (mid[0] - x[0])], mid, [x[-1] + (x[-1] - mid[-1])]])
+
+
+# ------------------------------------------------------------------- one step
+def _stats_from_model(model: nn.Module) -> dict[str, LayerStats | None]:
+    """Per-parameter statistics of the current `.grad`s (None: no grad). Host-side: this
+    syncs, which is fine for a picture."""
+    out: dict[str, LayerStats | None] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            g = p.grad
+            if g is None:
+                out[name] = None
+                continue
+            g = g.detach()
+            if g.is_sparse:
+                g = g.to_dense()
+            nan = int(torch.isnan(g).sum())
+            inf = int(torch.isinf(g).sum())
+            finite = g[torch.isfinite(g)].to(torch.float64)
+            n = finite.numel()
+            norm = float(torch.linalg.vector_norm(finite)) if n else 0.0
+            out[name] = LayerStats(
+                numel=g.numel(),
+                norm=norm,
+                rms=norm / math.sqrt(n) if n else 0.0,
+                abs_max=float(finite.abs().max()) if n else 0.0,
+                mean=float(finite.mean()) if n else 0.0,
+                min=float(finite.min()) if n else math.nan,
+                max=float(finite.max()) if n else math.nan,
+                zero_ratio=float((g == 0).sum()) / g.numel() if g.numel() else 0.0,
+                nan_count=nan,
+                inf_count=inf,
+                param_norm=float(torch.linalg.vector_norm(p.detach().to(torch.float64))),
+            )
+    return out
+
+
+def plot_gradients(model_or_snapshot: Any, out_png: str | os.PathLike[str]) -> Path:
+    """A per-layer picture of one step's gradients as a PNG; returns its path.
+
+    `model_or_snapshot`: an nn.Module (reads each parameter's `.grad`, so call it after
+    backward()), a gradmon.Snapshot (its layers), or a Monitor (its latest snapshot).
+    Left: log10 of each layer's grad norm and rms as bars, abs-max as a marker; right:
+    the zero ratio. Layers with NaN/Inf entries are drawn red and annotated with their
+    counts in their label; layers that received no gradient are greyed and labelled, and
+    all-zero gradients are labelled too.
+    """
+    title: str
+    if isinstance(model_or_snapshot, nn.Module):
+        stats = _stats_from_model(model_or_snapshot)
+        if not any(s is not None for s in stats.values()):
+            what = "parameters" if stats else "no parameters at all"
+            raise GradmonError(
+                f"plot_gradients(): {type(model_or_snapshot).__name__} has {what} but no "
+                "gradients (every .grad is None); call it after loss.backward()"
+            )
+        title = f"{type(model_or_snapshot).__name__}: gradients"
+    else:
+        snap = model_or_snapshot
+        if not isinstance(snap, Snapshot) and callable(getattr(snap, "snapshot", None)):
+            snap = snap.snapshot(wait=True)  # a Monitor
+            if snap is None:
+                raise GradmonError("plot_gradients(): the Monitor has not collected yet")
+        if not isinstance(snap, Snapshot):
+            raise GradmonError(
+                "plot_gradients() needs an nn.Module, a gradmon.Snapshot or a Monitor, "
+                f"not {type(model_or_snapshot).__name__}"
+            )
+        if not snap.layers:
+            raise GradmonError(f"plot_gradients(): the snapshot of step {snap.step} has no layers")
+        stats = {k: (v if v.received else None) for k, v in snap.layers.items()}
+        title = f"step {snap.step}: global grad norm {snap.global_norm:.4g}"
+        if snap.nonfinite:
+            title += " (NaN/Inf present)"
+
+    names = list(stats)
+    n = len(names)
+    values = [s for s in stats.values() if s is not None]
+    floor_candidates = [
+        _log10(v) for s in values for v in (s.norm, s.rms, s.abs_max) if _log10(v) == _log10(v)
+    ]
+    floor = math.floor(min(floor_candidates)) - 1 if floor_candidates else -12.0
+
+    fig = _figure(13, 2.2 + min(n, 120) * 0.22)
+    bars, zeros = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1]})
+    fig.suptitle(title)
+    ys = list(range(n))
+    tick_labels = []
+    for i, name in enumerate(names):
+        s = stats[name]
+        if s is None:
+            tick_labels.append(f"{name}  (no grad)")
+            continue
+        if s.nan_count or s.inf_count:
+            tick_labels.append(f"{name}  [NaN {s.nan_count}, Inf {s.inf_count}]")
+        elif s.norm == 0:
+            tick_labels.append(f"{name}  (all zero)")
+        else:
+            tick_labels.append(name)
+        bad = bool(s.nan_count or s.inf_count)
+        norm, rms, amax = (_log10(v) for v in (s.norm, s.rms, s.abs_max))
+        for offset, value, color, label in (
+            (-0.2, norm, "#d62728" if bad else "#1f77b4", "norm"),
+            (0.2, rms, "#ff9896" if bad else "#aec7e8", "rms"),
+        ):
+            if value == value:
+                bars.barh(
+                    i + offset, value - floor, left=floor, height=0.38, color=color, label=label
+                )
+        if amax == amax:
+            bars.plot([amax], [i], marker="D", ms=4, color="#2ca02c", ls="", label="abs max")
+        zeros.barh(i, s.zero_ratio, height=0.6, color="#7f7f7f" if s.zero_ratio < 1 else "k")
+    handles, labels = bars.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    if unique:
+        bars.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8)
+    bars.set_yticks(ys)
+    bars.set_yticklabels(tick_labels, fontsize=7 if n > 30 else 8)
+    for label, name in zip(bars.get_yticklabels(), names, strict=True):
+        s = stats[name]
+        if s is None:
+            label.set_color("#7f7f7f")
+        elif s.nan_count or s.inf_count:
+            label.set_color("#d62728")
+    bars.set_ylim(n - 0.5, -0.5)
+    bars.set_xlim(left=floor)
+    bars.set_xlabel("log10 (grad norm, rms; ◆ abs max)")
+    bars.grid(True, axis="x", alpha=0.3)
+    zeros.set_xlim(0, 1)
+    zeros.set_xlabel("zero ratio")
+    zeros.grid(True, axis="x", alpha=0.3)
+    return _save(fig, out_png)
+
+
+# ------------------------------------------------------- activation maximization
+def _resolve_module(model: nn.Module, module_name: str) -> nn.Module:
+    modules: dict[str, nn.Module] = dict(model.named_modules())
+    if module_name in modules:
+        return modules[module_name]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(module_name, names, n=3, cutoff=0.5)
+    shown = close + [n for n in names if n not in close][: max(0, 6 - len(close))]
+    raise GradmonError(
+        f"maximize_activation(module_name={module_name!r}): {type(model).__name__} has no "
+        f"such module; valid names include {', '.join(repr(n) for n in shown) or '(none)'}"
+        + (f" ({len(names)} in all)" if len(names) > len(shown) else "")
+    )
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, list | tuple):
+        for item in output:
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
+
+
+def _total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between neighbours along the last two (spatial) dims."""
+    tv = (x[..., 1:] - x[..., :-1]).abs().mean()
+    if x.dim() >= 4:
+        tv = tv + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return tv
+
+
+def maximize_activation(
+    model: nn.Module,
+    module_name: str,
+    unit: int,
+    input_shape: Sequence[int],
+    steps: int = 200,
+    lr: float = 0.05,
+    l2: float = 1e-3,
+    tv: float = 1e-2,
+    jitter: int = 2,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The input that maximizes the mean activation of channel `unit` of a module.
+
+    Gradient ascent (Adam) on the input, starting from faint Gaussian noise (stronger
+    noise when the unit gives no gradient there, e.g. a silent ReLU): the objective is the
+    mean over batch and spatial positions of output channel `unit` (dim 1) of
+    `module_name`, read with a forward hook, minus `l2` × mean(x²) and `tv` × total
+    variation (for inputs with spatial dims). `jitter` > 0 shifts the input by up to that
+    many pixels each step (robustness to translation, fewer high-frequency artefacts).
+    The model runs in eval mode with its parameters frozen; its mode, `requires_grad`
+    flags and `.grad`s are as before afterwards. Returns the optimized input, detached,
+    on the model's device.
+    """
+    if not isinstance(model, nn.Module):
+        raise GradmonError(f"maximize_activation() needs an nn.Module, not {type(model).__name__}")
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) < 2 or any(d < 1 for d in shape):
+        raise GradmonError(
+            f"maximize_activation(input_shape={tuple(input_shape)!r}): needs (batch, channels, "
+            "...) with every size >= 1, e.g. (1, 3, 32, 32)"
+        )
+    if steps < 1 or lr <= 0 or l2 < 0 or tv < 0 or jitter < 0:
+        raise GradmonError(
+            "maximize_activation(): needs steps >= 1, lr > 0, l2 >= 0, tv >= 0, jitter >= 0 "
+            f"(got steps={steps}, lr={lr}, l2={l2}, tv={tv}, jitter={jitter})"
+        )
+    module = _resolve_module(model, module_name)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        captured.append(_first_tensor(output))  # type: ignore[arg-type]
+
+    was_training = model.training
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    handle = module.register_forward_hook(hook)
+    try:
+        model.eval()
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(seed)
+        shifts = random.Random(seed)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+        spatial = len(shape) >= 3
+
+        def activation(inp: torch.Tensor) -> torch.Tensor:
+            captured.clear()
+            model(inp)
+            out = captured[0] if captured else None
+            if out is None:
+                raise GradmonError(
+                    f"maximize_activation(): module {module_name!r} did not run in the forward "
+                    "pass, or its output is not a tensor"
+                )
+            if out.dim() < 2 or not 0 <= unit < out.shape[1]:
+                size = out.shape[1] if out.dim() >= 2 else 0
+                raise GradmonError(
+                    f"maximize_activation(unit={unit}): module {module_name!r} outputs shape "
+                    f"{tuple(out.shape)}; unit must be in 0..{size - 1} (a channel of dim 1)"
+                )
+            return out[:, unit].float().mean()
+
+        with torch.enable_grad():
+            # Start from faint noise (the picture is then what the ascent drew). A unit
+            # behind a ReLU may be silent there, with no gradient to climb: then start
+            # from stronger noise.
+            for scale in _START_SCALES:
+                x = (noise * scale).requires_grad_(True)
+                act = activation(x)
+                if not act.requires_grad:
+                    raise GradmonError(
+                        f"maximize_activation(): the output of module {module_name!r} does not "
+                        "depend on the input (no gradient reaches it)"
+                    )
+                (grad,) = torch.autograd.grad(act, x, allow_unused=True)
+                if grad is not None and bool(grad.abs().sum() > 0):  # one sync, before the loop
+                    break
+            optimizer = torch.optim.Adam([x], lr=lr)
+            for _ in range(steps):
+                inp = x
+                if jitter and spatial:
+                    dy, dx = shifts.randint(-jitter, jitter), shifts.randint(-jitter, jitter)
+                    inp = (
+                        torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+                        if len(shape) >= 4
+                        else (torch.roll(x, shifts=dx, dims=-1))
+                    )
+                loss = -activation(inp) + l2 * x.float().pow(2).mean()
+                if tv and spatial:
+                    loss = loss + tv * _total_variation(x.float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+    finally:
+        handle.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return x.detach()
+
+
+def plot_inputs(
+    inputs: Sequence[torch.Tensor],
+    out_png: str | os.PathLike[str],
+    titles: Sequence[str] | None = None,
+) -> Path:
+    """A grid of inputs (e.g. from maximize_activation) as a PNG; returns its path.
+
+    Each input's first batch item is shown: 3 channels as RGB, others as the channel
+    mean in grey, each scaled to its own min..max; inputs without spatial dims as bars.
+    """
+    if not inputs:
+        raise GradmonError("plot_inputs(): no inputs to draw")
+    count = len(inputs)
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    fig = _figure(2.6 * cols, 2.6 * rows + 0.3)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= count:
+            ax.set_axis_off()
+            continue
+        item = inputs[k].detach().float().cpu()[0]
+        if titles is not None and k < len(titles):
+            ax.set_title(titles[k], fontsize=9)
+        if item.dim() >= 3 or (item.dim() == 2 and item.shape[0] > 1):
+            image = item if item.dim() >= 3 else item.unsqueeze(0)
+            image = image.reshape(image.shape[0], image.shape[-2], image.shape[-1])
+            lo, hi = image.min(), image.max()
+            image = (image - lo) / (hi - lo) if hi > lo else torch.zeros_like(image)
+            if image.shape[0] == 3:
+                ax.imshow(image.permute(1, 2, 0).numpy())
+            else:
+                ax.imshow(image.mean(0).numpy(), cmap="gray")
+            ax.set_axis_off()
+        else:
+            values = item.reshape(-1).numpy()
+            ax.bar(range(len(values)), values, color="#1f77b4")
+            ax.tick_params(labelsize=7)
+    return _save(fig, out_png)
