@@ -189,11 +189,12 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict merge: `over` wins, sections are merged key by key."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(dict(out[key]), value)
+            out[key] = merge_dicts(dict(out[key]), value)
         else:
             out[key] = value
     return out
@@ -247,7 +248,7 @@ def load_config(
         )
     env = _env_overrides(os.environ if environ is None else environ)
     if env:
-        data = _merge(data, env)
+        data = merge_dicts(data, env)
         source += " + GRADMON_* environment"
     try:
         return Config.model_validate(data)

@@ -54,7 +54,7 @@ from rich.text import Text
 from torch import Tensor, nn
 
 import gradmon
-from gradmon.config import Config, HealthConfig, read_yaml
+from gradmon.config import Config, HealthConfig, merge_dicts, read_yaml
 from gradmon.errors import GradmonError
 from gradmon.localstack import LOOPBACK, LocalStack, Target, WebhookReceiver
 from gradmon.snapshot import ANOMALY_KINDS, Snapshot
@@ -308,17 +308,7 @@ def _config(port: int, config: str | os.PathLike[str] | Mapping[str, Any] | None
         raise GradmonError(
             f"run_demo(config=...) needs a YAML path, a dict or None, not {type(config).__name__}"
         )
-    return _merge(base, user)
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(dict(out[key]), value)
-        else:
-            out[key] = value
-    return out
+    return merge_dicts(base, user)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The plain torch backend: works on any device and dtype, never syncs with the host.
 
 Several kernels per tensor, so it is the slow path; the C kernel (CPU) and the Triton
-kernel (CUDA) are the fast ones. Every value stays a device tensor: no `.item()`, no
-Python branch on a tensor value, so a CUDA stream is never stalled by this code.
+kernel (CUDA) are the fast ones. Every value stays a device tensor: no read-back to the
+host, no Python branch on a tensor value, so a CUDA stream is never stalled by this code.
 """
 
 from __future__ import annotations
