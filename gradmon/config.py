@@ -204,8 +204,11 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise GradmonError(f"cannot read gradmon config file {p}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise GradmonError(f"gradmon config file {p} is not UTF-8 text: {exc.reason}") from None
+    except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in the path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise GradmonError(f"cannot read gradmon config file {p!r}: {reason}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -115,6 +115,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
         return model
 
 
+def _param_count(optimizer: torch.optim.Optimizer) -> int:
+    return sum(len(group["params"]) for group in optimizer.param_groups)
+
+
+def _fill_implicit_zeros(partials: torch.Tensor, implicit: dict[int, int]) -> torch.Tensor:
+    """Rows of sparse grads: the entries missing from their values are zeros, counted in
+    ZERO_COUNT and taken into MIN/MAX (sums and abs-max are unchanged by zeros)."""
+    partials = partials.clone()
+    for row, zeros in implicit.items():
+        partials[row, Col.ZERO_COUNT] += zeros
+        partials[row, Col.MIN] = partials[row, Col.MIN].clamp(max=0.0)
+        partials[row, Col.MAX] = partials[row, Col.MAX].clamp(min=0.0)
+    return partials
+
+
 def _unscale_partials(partials: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """Partials of grad / scale from those of grad, on the partials' device, no host sync:
     sum of squares times 1/s**2; sum, abs-max, min, max times 1/s; counts unchanged."""
@@ -255,6 +270,10 @@ class Monitor:
         self._publish_lock = threading.Lock()  # serialises publishing of pending collections
         self._closed = False
         self._handles: list[RemovableHandle] = []
+        # Parameters left out, by name, with the reason (see `Monitor.skipped`).
+        self._skipped: dict[str, str] = {}
+        self._skip_counted = 0  # skips that count in gradmon_agent_errors_total{collect}
+        self._skipped_index: set[int] = set()  # monitored parameters skipped at collection
 
         named = self._select_parameters(_unwrap(model), optimizer)
         self._param_refs = [weakref.ref(p) for _, p in named]
@@ -274,7 +293,11 @@ class Monitor:
         for i, layer_index in enumerate(self._layer_of):
             self._layer_members[layer_index].append(i)
         # Under FSDP2 a parameter is a DTensor: this rank's statistics are of its shard.
-        self._numels = [distributed.local_tensor(p).numel() for _, p in named]
+        # Complex parameters are measured as their real and imaginary parts
+        # (torch.view_as_real): two entries per element.
+        self._numels = [
+            distributed.local_tensor(p).numel() * (2 if p.is_complex() else 1) for _, p in named
+        ]
         self._sharded = any(distributed.is_sharded(p) for _, p in named)
         self._exported_layers = layer_names[: cfg.exporter.max_layers]
         if len(layer_names) > cfg.exporter.max_layers:
@@ -304,6 +327,7 @@ class Monitor:
         self._anomalies_total: dict[tuple[str, str], int] = {}
         self._layer_nonfinite: dict[str, int] = {}
         self._errors: dict[str, int] = dict.fromkeys(AGENT_STAGES, 0)
+        self._errors["collect"] += self._skip_counted
         self._errors_logged: set[str] = set()
         self._warned_gone = False
         self._scalars: dict[str, Any] = {}
@@ -320,6 +344,12 @@ class Monitor:
         self._sinks: list[Sink] = build_sinks(cfg)
         self._model_ref = weakref.ref(model)
         self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else None
+        # Parameters added to the optimizer after attach() are not monitored: told once.
+        self._opt_param_ids: set[int] = set()
+        self._opt_param_count = 0
+        if optimizer is not None:
+            self._opt_param_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            self._opt_param_count = _param_count(optimizer)
         self._scaler = scaler
         self._step_seen_since_update = False
         self._unwatch_scaler: Callable[[], None] | None = None
@@ -344,7 +374,25 @@ class Monitor:
     ) -> list[tuple[str, nn.Parameter]]:
         cfg = self.config.collect
         # named_parameters() lists a shared parameter once, under its first name.
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        trainable = []
+        meta = []
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                # Frozen layers and integer/bool tensors registered as parameters: no
+                # gradient ever; listed in `skipped`, not counted as an agent error.
+                self._skipped[n] = "requires_grad=False"
+            elif p.device.type == "meta":
+                meta.append(n)
+            else:
+                trainable.append((n, p))
+        if meta and not trainable:
+            raise GradmonError(
+                f"attach(): every trainable parameter of {type(model).__name__} is on the meta "
+                f"device (e.g. {meta[0]!r}): there is no data to monitor; materialize the "
+                "model first (model.to_empty(device=...) and initialisation), then attach()"
+            )
+        for n in meta:
+            self._skip(n, "on the meta device (no data; attach after materializing the model)")
         if not trainable:
             raise GradmonError(
                 f"attach(): {type(model).__name__} has no parameters with requires_grad=True; "
@@ -377,6 +425,67 @@ class Monitor:
                 f"names look like {trainable[0][0]!r}"
             )
         return selected
+
+    def _skip(self, name: str, reason: str) -> None:
+        """Leave a parameter out: named in `skipped`, counted once in
+        gradmon_agent_errors_total{stage="collect"}, warned once."""
+        with self._lock:
+            if name in self._skipped:
+                return
+            self._skipped[name] = reason
+        if hasattr(self, "_errors"):
+            with self._lock:
+                self._errors["collect"] += 1
+        else:  # during attach: counted once the counters exist
+            self._skip_counted += 1
+        log.warning(
+            "gradmon: parameter %r is not monitored: %s (counted in "
+            'gradmon_agent_errors_total{stage="collect"}; see Monitor.skipped)',
+            name,
+            reason,
+        )
+
+    def _grad_view(self, i: int, grad: torch.Tensor) -> torch.Tensor | None:
+        """The dense real tensor whose entries the statistics are taken over, or None
+        (the parameter is skipped, with its reason) for a gradient gradmon cannot read.
+
+        - sparse COO (`nn.Embedding(sparse=True)`): the values of the coalesced grad; the
+          entries it leaves out are zeros, added back by `_fill_implicit_zeros`.
+        - complex: `torch.view_as_real`, so every statistic is over the real and
+          imaginary parts as separate entries (the norm is the complex L2 norm).
+        """
+        reason = None
+        if grad.device.type == "meta":
+            reason = "its gradient is on the meta device (no data)"
+        elif grad.layout == torch.sparse_coo:
+            grad = grad.coalesce().values()
+        elif grad.layout != torch.strided:
+            reason = f"gradient layout {grad.layout} is not supported (strided or sparse_coo)"
+        if reason is None and grad.is_complex():
+            grad = torch.view_as_real(grad.resolve_conj())
+        elif reason is None and not grad.is_floating_point():
+            reason = f"gradient dtype {grad.dtype} is neither floating point nor complex"
+        if reason is not None:
+            self._skip(self._param_names[i], reason)
+            self._skipped_index.add(i)
+            return None
+        return grad
+
+    def _check_new_parameters(self) -> None:
+        """Parameters added to the optimizer after attach() get no hooks and are not
+        monitored: say so once per parameter (a cheap length check per collection)."""
+        optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
+        if optimizer is None or _param_count(optimizer) == self._opt_param_count:
+            return
+        self._opt_param_count = _param_count(optimizer)
+        model = self._model_ref()
+        names = {id(p): n for n, p in _unwrap(model).named_parameters()} if model else {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._opt_param_ids:
+                    self._opt_param_ids.add(id(p))
+                    name = names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+                    self._skip(name, "added after attach() (attach again to monitor it)")
 
     def _install_hooks(
         self,
@@ -509,6 +618,7 @@ class Monitor:
     ) -> None:
         started = time.perf_counter()
         self._publish_ready(wait=False)
+        self._check_new_parameters()
         fresh = self._fresh_gradients()
         local = distributed.local_tensor  # a DTensor's shard on this rank; else the tensor
         grads: dict[int, torch.Tensor] = {}
@@ -519,8 +629,13 @@ class Monitor:
             p = ref()
             gone += p is None
             if fresh[i] and p is not None and p.grad is not None:
-                g = grads[i] = local(p.grad)
-                weights[i] = local(p)
+                g = self._grad_view(i, local(p.grad))
+                if g is None:
+                    fresh[i] = False  # skipped, with its reason: published as no gradient
+                    continue
+                grads[i] = g
+                w = local(p).detach()
+                weights[i] = torch.view_as_real(w.resolve_conj()) if w.is_complex() else w
                 groups.setdefault((g.device, g.dtype), []).append(i)
         if gone and not self._warned_gone:
             self._warned_gone = True
@@ -539,6 +654,14 @@ class Monitor:
                 backend = select_backend(self.config.collect.backend, device, dtype)
                 self._backends[(device, dtype)] = backend
             partials = backend([grads[i] for i in indices])
+            # Sparse grads: their values leave out the (implicit) zero entries.
+            implicit = {
+                row: self._numels[i] - grads[i].numel()
+                for row, i in enumerate(indices)
+                if self._numels[i] != grads[i].numel()
+            }
+            if implicit:
+                partials = _fill_implicit_zeros(partials, implicit)
             if grad_scale is not None:
                 # A fused optimizer under a GradScaler sees scaled grads: unscale the
                 # statistics on the device.
@@ -645,7 +768,13 @@ class Monitor:
             norm = global_norm(layers)
             # An empty shard (FSDP: a rank may hold no element of a small parameter) is
             # neither vanishing nor dead: leave it to the ranks that hold the elements.
-            judged = {n: s for n, s in layers.items() if s.numel > 0}
+            # A layer whose every parameter is skipped (Monitor.skipped) is not judged either.
+            left_out = self._skipped_index
+            judged = {
+                n: s
+                for (n, s), members in zip(layers.items(), self._layer_members, strict=True)
+                if s.numel > 0 and not (left_out and all(i in left_out for i in members))
+            }
             anomalies = self._health.evaluate(step, judged, norm)
             nonfinite = any(s.nan_count or s.inf_count for s in layers.values())
             snap = Snapshot(
@@ -731,6 +860,13 @@ class Monitor:
     def port(self) -> int | None:
         """The port /metrics is served on (the real one when exporter.port is 0)."""
         return self._server.port if self._server is not None else None
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Parameters that are not monitored, by name, with the reason: requires_grad=False,
+        meta device, an unsupported gradient layout or dtype, added after attach()."""
+        with self._lock:
+            return dict(self._skipped)
 
     @property
     def registry(self) -> CollectorRegistry:
