@@ -6,6 +6,7 @@ read only here, when a config is loaded, never at import time.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from gradmon.errors import GradmonError
 
 ENV_PREFIX = "GRADMON_"
 _NULLS = {"", "null", "none", "~"}
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Section(BaseModel):
@@ -144,10 +146,17 @@ class Config(_Section):
     record: RecordConfig = Field(default_factory=RecordConfig)
 
 
+def key_path(loc: tuple[int | str, ...]) -> str:
+    """`collect.include`; a key that is not a plain name is JSON-quoted (`"a.b"`, `""`), so
+    a path names exactly one place even when keys hold dots or spaces."""
+    parts = [p if isinstance(p, int) or _PLAIN_KEY.match(p) else json.dumps(p) for p in loc]
+    return ".".join(str(p) for p in parts) or "<root>"
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid gradmon config ({source}):"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        key = key_path(err["loc"])
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; allowed here: {_allowed_keys(err['loc'])}")
         else:

@@ -5,6 +5,7 @@ backslashes and non-ASCII characters come out correctly escaped in /metrics."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -96,7 +97,7 @@ def _resolves(data: Any, path: str) -> bool:
     """Whether a dotted key path from an error message leads into the input data (or
     to a key one level below it, for a value that should have been a section)."""
     node = data
-    for part in path.split("."):
+    for part in _split_path(path):
         if isinstance(node, Mapping):
             matches = [k for k in node if str(k) == part]
             if not matches:
@@ -111,8 +112,17 @@ def _resolves(data: Any, path: str) -> bool:
     return True
 
 
+_PART = r'(?:"(?:[^"\\]|\\.)*"|[^".\s:]+)'
+
+
 def _error_paths(message: str) -> list[str]:
-    return re.findall(r"^  (\S+): ", message, flags=re.MULTILINE)
+    return re.findall(rf"^  ({_PART}(?:\.{_PART})*): ", message, flags=re.MULTILINE)
+
+
+def _split_path(path: str) -> list[str]:
+    """Key parts of a path from an error message; JSON-quoted parts unquoted."""
+    parts = re.findall(_PART, path)
+    return [json.loads(p) if p.startswith('"') else p for p in parts]
 
 
 @PROPERTY
@@ -348,3 +358,12 @@ def test_bad_yaml_files_are_gradmon_errors(tmp_path: Any, text: str) -> None:
         load_config(path, environ={})
     with pytest.raises(GradmonError):
         load_config(tmp_path / "missing.yaml", environ={})
+
+
+@pytest.mark.parametrize("data", [{".": None}, {"collect": {"a.b": 1}}, {"": 1}])
+def test_keys_with_dots_or_empty_are_quoted_in_errors(data: dict[str, Any]) -> None:
+    """Regression: hypothesis found {'.': None} reported as the ambiguous path `.`."""
+    with pytest.raises(GradmonError) as err:
+        load_config(data, environ={})
+    paths = _error_paths(str(err.value))
+    assert paths and all(_resolves(data, p) for p in paths), str(err.value)
