@@ -55,6 +55,11 @@ def _rules(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from gradmon import bench
 
+    if args.peers:
+        from gradmon import bench_peers
+
+        print(bench_peers.format_peers(bench_peers.run_peers(steps=args.steps)))
+        return 0
     bench.main(steps=args.steps, as_json=args.json)
     return 0
 
@@ -219,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="agent overhead on the reference model (CPU)")
     bench.add_argument("--steps", type=int, default=30, help="interleaved steps per variant")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench.add_argument(
+        "--peers",
+        action="store_true",
+        help="step-time ratios of gradmon and today's gradient loggers, side by side",
+    )
     bench.set_defaults(func=_bench)
 
     dashboards = sub.add_parser("dashboards", help="Grafana dashboards: generate the JSON, push")
