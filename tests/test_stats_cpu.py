@@ -10,8 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from gradmon.stats import cpu, reference
+from gradmon.stats import cpu
 from gradmon.stats.layout import NCOLS, Col
+
+from .oracle import EXACT_COLS, assert_matches_reference
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="C kernel not built")
 
@@ -20,28 +22,13 @@ NAN, INF = float("nan"), float("inf")
 # Sizes around the kernel's lane (16 double / 32 float), block (4096) and work-item (65536)
 # boundaries.
 BOUNDARY_SIZES = [1, 15, 16, 17, 31, 32, 33, 4095, 4096, 4097, 8193, 65535, 65536, 65537, 131073]
-EXACT_COLS = [Col.ABS_MAX, Col.MIN, Col.MAX, Col.ZERO_COUNT, Col.NAN_COUNT, Col.INF_COUNT]
 
 
 def assert_matches(grads: list[torch.Tensor], got: torch.Tensor | None = None) -> torch.Tensor:
     """Kernel vs oracle: sums to 1e-6 relative, every other column exactly."""
     if got is None:
         got = cpu.compute_partials(grads)
-    want = reference.compute_partials(grads)
-    assert got.shape == (len(grads), NCOLS)
-    assert got.dtype == torch.float64
-    for i, g in enumerate(grads):
-        x = g.detach().double().reshape(-1)
-        scale = float(x[torch.isfinite(x)].abs().sum())  # cancellation bound for the sum
-        for col in (Col.SUM_SQ, Col.SUM):
-            a, b = float(got[i, col]), float(want[i, col])
-            if math.isinf(b):
-                assert a == b, (i, col.name, a, b)
-            else:
-                assert a == pytest.approx(b, rel=1e-6, abs=1e-12 * scale), (i, col.name, a, b)
-        for col in EXACT_COLS:
-            assert float(got[i, col]) == float(want[i, col]), (i, col.name, got[i], want[i])
-    return got
+    return assert_matches_reference(grads, got, cancellation=1e-12)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
 import re
 import subprocess
@@ -27,8 +26,10 @@ import pytest
 import torch
 
 from gradmon import GradmonError
-from gradmon.stats import generic, reference, select_backend
+from gradmon.stats import generic, select_backend
 from gradmon.stats.layout import NCOLS, Col
+
+from .oracle import EXACT_COLS, assert_matches_reference
 
 _CHILD_ENV = "GRADMON_TRITON_INTERPRET_CHILD"
 IN_CHILD = os.environ.get(_CHILD_ENV) == "1"
@@ -37,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-EXACT_COLS = [Col.ABS_MAX, Col.MIN, Col.MAX, Col.ZERO_COUNT, Col.NAN_COUNT, Col.INF_COUNT]
 SMALL = {"chunk": 1024, "block": 64}  # cheap chunk and unroll (4 * 64) boundaries
 
 
@@ -142,21 +142,7 @@ def test_auto_falls_back_when_the_kernel_fails(
 # -------------------------------------------------------------------- the oracle
 def assert_matches(grads: list[torch.Tensor], got: torch.Tensor) -> torch.Tensor:
     """Kernel vs oracle: sums to fp32 accuracy, every other column exactly."""
-    want = reference.compute_partials(grads)
-    assert got.shape == (len(grads), NCOLS)
-    assert got.dtype == torch.float64
-    for i, g in enumerate(grads):
-        x = g.detach().double().reshape(-1)
-        scale = float(x[torch.isfinite(x)].abs().sum())  # cancellation bound for the sum
-        for col in (Col.SUM_SQ, Col.SUM):
-            a, b = float(got[i, col]), float(want[i, col])
-            if math.isinf(b):
-                assert a == b, (i, col.name, a, b)
-            else:
-                assert a == pytest.approx(b, rel=1e-6, abs=1e-6 * scale + 1e-30), (i, col.name)
-        for col in EXACT_COLS:
-            assert float(got[i, col]) == float(want[i, col]), (i, col.name, got[i], want[i])
-    return got
+    return assert_matches_reference(grads, got, cancellation=1e-6, floor=1e-30)
 
 
 # --------------------------------------------------- the cases, in the interpreter
