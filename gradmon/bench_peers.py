@@ -9,6 +9,7 @@ A peer whose package is not installed is listed as such, not silently dropped.
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -74,7 +75,11 @@ def _lightning_grad_norm() -> AfterBackward:
 def _wandb_watch(model: nn.Module, logdir: str) -> Callable[[], None]:
     import wandb
 
-    run = wandb.init(mode="offline", dir=logdir, project="gradmon-bench")
+    # Offline and silent: the benchmark never reaches the network or prints a banner.
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(
+        mode="offline", dir=logdir, project="gradmon-bench", settings=wandb.Settings(silent=True)
+    )
     wandb.watch(model, log="gradients", log_freq=1)
     finish: Callable[[], None] = run.finish
     return finish
