@@ -90,14 +90,31 @@ class ExportState:
 
 
 class GradmonCollector(Collector):
-    def __init__(self, state_fn: Callable[[], ExportState]) -> None:
+    """The gradmon families. With `on_error`, a failure while building them is reported
+    there (counted under stage `export`) and the families built so far are served, so a
+    scrape still answers 200 with everything else (process metrics, other collectors)."""
+
+    def __init__(
+        self,
+        state_fn: Callable[[], ExportState],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._state_fn = state_fn
+        self._on_error = on_error
 
     def describe(self) -> list[Metric]:
         # Empty: the families depend on the run, and registering must not call collect().
         return []
 
     def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._families()
+        except Exception as exc:
+            if self._on_error is None:
+                raise
+            self._on_error(exc)
+
+    def _families(self) -> Iterator[Metric]:
         st = self._state_fn()
         rank_names = ["rank"] if st.rank is not None else []
         rank_values = [str(st.rank)] if st.rank is not None else []
