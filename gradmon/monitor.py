@@ -368,7 +368,11 @@ class Monitor:
             if cfg.exporter.enabled:
                 port = distributed.metrics_port(cfg.exporter.port)
                 self._server = MetricsServer(
-                    cfg.exporter, port, self._registry, on_error=self._export_error_fn()
+                    cfg.exporter,
+                    port,
+                    self._registry,
+                    on_error=self._export_error_fn(),
+                    render=functools.partial(self._collector.exposition, self._registry),
                 )
         except BaseException:
             self.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import gzip
 import hmac
 import socket
 import ssl
@@ -22,6 +23,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import gzip_accepted
 
 from gradmon.config import ExporterConfig
 from gradmon.errors import GradmonError
@@ -100,6 +102,24 @@ def counted(app: WSGIApp, on_error: Callable[[BaseException], None]) -> WSGIApp:
     return safe
 
 
+def cached_app(full: WSGIApp, render: Callable[[str], tuple[bytes, str]]) -> WSGIApp:
+    """/metrics from `render(accept)` (GradmonCollector.exposition); what it does not
+    cover (a `name[]` filter, other paths) goes to prometheus_client's app as before."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("QUERY_STRING") or environ.get("PATH_INFO") == "/favicon.ico":
+            return full(environ, start_response)
+        body, content_type = render(environ.get("HTTP_ACCEPT", ""))
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
+
+    return app
+
+
 def _tls_context(config: ExporterConfig) -> ssl.SSLContext | None:
     tls = config.tls
     if not (tls.certfile or tls.keyfile or tls.client_cafile):
@@ -133,8 +153,11 @@ class MetricsServer:
         port: int,
         registry: CollectorRegistry,
         on_error: Callable[[BaseException], None] | None = None,
+        render: Callable[[str], tuple[bytes, str]] | None = None,
     ) -> None:
         app: WSGIApp = make_wsgi_app(registry)
+        if render is not None:
+            app = cached_app(app, render)
         if on_error is not None:
             app = counted(app, on_error)
         auth = config.basic_auth
