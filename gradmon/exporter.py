@@ -9,7 +9,8 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.core import (
@@ -18,6 +19,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from gradmon.snapshot import Snapshot
@@ -90,15 +92,72 @@ class ExportState:
 
 
 class GradmonCollector(Collector):
-    def __init__(self, state_fn: Callable[[], ExportState]) -> None:
+    """The gradmon families. With `on_error`, a failure while building them is reported
+    there (counted under stage `export`) and the families built so far are served, so a
+    scrape still answers 200 with everything else (process metrics, other collectors)."""
+
+    def __init__(
+        self,
+        state_fn: Callable[[], ExportState],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._state_fn = state_fn
+        self._on_error = on_error
+        # The per-layer families rendered once per published snapshot (see exposition()).
+        self._layer_cache: dict[str, tuple[tuple[object, ...], bytes]] = {}
+        self._cache_lock = threading.Lock()
 
     def describe(self) -> list[Metric]:
         # Empty: the families depend on the run, and registering must not call collect().
         return []
 
     def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._families()
+        except Exception as exc:
+            if self._on_error is None:
+                raise
+            self._on_error(exc)
+
+    def exposition(self, registry: Collector, accept: str) -> tuple[bytes, str]:
+        """The registry's exposition for a scrape, with the per-layer families (the bulk:
+        thousands of samples) rendered once per published snapshot and reused: scrapers
+        hammering /metrics then hold the GIL, which the training thread needs, for the
+        small live part only (counters, scalars, loss scale, process metrics)."""
+        encoder, content_type = choose_encoder(accept)
+        _render.apart, _render.state = True, None
+        try:
+            live = encoder(registry)
+            st: ExportState | None = _render.state
+        finally:
+            _render.apart, _render.state = False, None
+        if st is None or not st.per_layer or st.snapshot is None:
+            return live, content_type
+        snap = st.snapshot
+        key = (id(snap), snap.step, st.collections_total, st.rank, len(st.layer_names))
+        with self._cache_lock:  # one scraper renders, the others wait and reuse
+            cached = self._layer_cache.get(content_type)
+            if cached is None or cached[0] != key:
+                try:
+                    rank_names = ["rank"] if st.rank is not None else []
+                    rank_values = [str(st.rank)] if st.rank is not None else []
+                    families = list(_layer_families(st, snap, rank_names, rank_values))
+                    cached = (key, encoder(_Families(families)))
+                except Exception as exc:
+                    if self._on_error is None:
+                        raise
+                    self._on_error(exc)
+                    return live, content_type
+                self._layer_cache[content_type] = cached
+        eof = b"# EOF\n"  # OpenMetrics ends once, after the last family
+        if live.endswith(eof) and cached[1].endswith(eof):
+            live = live[: -len(eof)]
+        return live + cached[1], content_type
+
+    def _families(self) -> Iterator[Metric]:
         st = self._state_fn()
+        if getattr(_render, "apart", False):
+            _render.state = st  # exposition(): the layer families come from its cache
         rank_names = ["rank"] if st.rank is not None else []
         rank_values = [str(st.rank)] if st.rank is not None else []
 
@@ -192,8 +251,22 @@ class GradmonCollector(Collector):
             scalars.add_metric([name, *rank_values], value)
         yield scalars
 
-        if st.per_layer and snap is not None:
+        if st.per_layer and snap is not None and not getattr(_render, "apart", False):
             yield from _layer_families(st, snap, rank_names, rank_values)
+
+
+# Per scrape thread: set while GradmonCollector.exposition() renders the live part.
+_render = threading.local()
+
+
+class _Families:
+    """Families already built, for an encoder that wants a registry."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 _LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (

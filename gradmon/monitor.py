@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradmon import distributed
+from gradmon import distributed, lifecycle
 from gradmon.config import Config, load_config
 from gradmon.errors import GradmonError
 from gradmon.exporter import (
@@ -87,6 +87,8 @@ class _Pending:
     events: list[torch.cuda.Event]
     # Fused optimizers under a GradScaler: [this step skipped (0/1), skipped steps so far]
     amp: torch.Tensor | None = None
+    # Parameters whose (device, dtype) group failed: their layers are left out.
+    failed: frozenset[int] = frozenset()
 
 
 def _layer_name(param_name: str, granularity: str, depth: int = 1) -> str:
@@ -268,6 +270,8 @@ class Monitor:
         self.config = cfg = load_config(config)
         self._lock = threading.Lock()  # guards what the exporter copies
         self._publish_lock = threading.Lock()  # serialises publishing of pending collections
+        # Held while a hook works, so that close() from another thread waits for it.
+        self._hook_lock = threading.RLock()
         self._closed = False
         self._handles: list[RemovableHandle] = []
         # Parameters left out, by name, with the reason (see `Monitor.skipped`).
@@ -358,15 +362,22 @@ class Monitor:
         try:
             self._install_hooks(named, optimizer, scaler)
             self._registry = registry if registry is not None else self._default_registry()
-            self._collector = GradmonCollector(self._export_state)
+            self._collector = GradmonCollector(self._export_state, self._export_error_fn())
             self._registry.register(self._collector)
             self._server: MetricsServer | None = None
             if cfg.exporter.enabled:
                 port = distributed.metrics_port(cfg.exporter.port)
-                self._server = MetricsServer(cfg.exporter, port, self._registry)
+                self._server = MetricsServer(
+                    cfg.exporter,
+                    port,
+                    self._registry,
+                    on_error=self._export_error_fn(),
+                    render=functools.partial(self._collector.exposition, self._registry),
+                )
         except BaseException:
             self.close()
             raise
+        lifecycle.track(self)
 
     # ----------------------------------------------------------------- set-up
     def _select_parameters(
@@ -517,7 +528,7 @@ class Monitor:
                     compiled_hook(key)
                     return
                 mon = me()
-                if mon is not None:
+                if mon is not None and not mon._closed:
                     mon._on_optimizer_step(opt)
 
             self._handles.append(optimizer.register_step_pre_hook(on_step))
@@ -547,7 +558,9 @@ class Monitor:
 
     # ------------------------------------------------------------ hot path
     def _on_optimizer_step(self, optimizer: Any = None) -> None:
-        with self._guard("hook"):
+        with self._hook_lock, self._guard("hook"):
+            if self._closed:  # closed by another thread while this step waited
+                return
             self._step_seen_since_update = True
             step = self._steps
             self._steps += 1
@@ -574,7 +587,7 @@ class Monitor:
         """Before `scaler.update()`: was our optimizer's step skipped in this iteration?"""
         if self._closed:
             return
-        with self._guard("scaler"):
+        with self._hook_lock, self._guard("scaler"):
             seen = self._step_seen_since_update
             self._step_seen_since_update = False
             optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
@@ -648,27 +661,32 @@ class Monitor:
             )
         parts: list[tuple[torch.Tensor, list[int]]] = []
         events: list[torch.cuda.Event] = []
+        failed: set[int] = set()
         for (device, dtype), indices in groups.items():
-            backend = self._backends.get((device, dtype))
-            if backend is None:
-                backend = select_backend(self.config.collect.backend, device, dtype)
-                self._backends[(device, dtype)] = backend
-            partials = backend([grads[i] for i in indices])
-            # Sparse grads: their values leave out the (implicit) zero entries.
-            implicit = {
-                row: self._numels[i] - grads[i].numel()
-                for row, i in enumerate(indices)
-                if self._numels[i] != grads[i].numel()
-            }
-            if implicit:
-                partials = _fill_implicit_zeros(partials, implicit)
-            if grad_scale is not None:
-                # A fused optimizer under a GradScaler sees scaled grads: unscale the
-                # statistics on the device.
-                partials = _unscale_partials(partials, grad_scale)
-            param_sq = param_sum_squares([weights[i] for i in indices])
-            block = torch.cat([partials, param_sq.unsqueeze(1).to(partials.device)], dim=1)
-            parts.append((self._to_host(block, events), indices))
+            # A failing group (its backend, its dtype) leaves only its own layers out.
+            failed.update(indices)
+            with self._guard("collect"):
+                backend = self._backends.get((device, dtype))
+                if backend is None:
+                    backend = select_backend(self.config.collect.backend, device, dtype)
+                    self._backends[(device, dtype)] = backend
+                partials = backend([grads[i] for i in indices])
+                # Sparse grads: their values leave out the (implicit) zero entries.
+                implicit = {
+                    row: self._numels[i] - grads[i].numel()
+                    for row, i in enumerate(indices)
+                    if self._numels[i] != grads[i].numel()
+                }
+                if implicit:
+                    partials = _fill_implicit_zeros(partials, implicit)
+                if grad_scale is not None:
+                    # A fused optimizer under a GradScaler sees scaled grads: unscale the
+                    # statistics on the device.
+                    partials = _unscale_partials(partials, grad_scale)
+                param_sq = param_sum_squares([weights[i] for i in indices])
+                block = torch.cat([partials, param_sq.unsqueeze(1).to(partials.device)], dim=1)
+                parts.append((self._to_host(block, events), indices))
+                failed.difference_update(indices)
         amp = None
         if skip_flag is not None and self._fused_skips is not None:
             amp = self._to_host(torch.stack([skip_flag, self._fused_skips]), events)
@@ -683,7 +701,9 @@ class Monitor:
                     sink.on_collect(step, by_layer)
         for i in range(len(self._received)):
             self._received[i] = False
-        self._pending.append(_Pending(step, skipped, started, parts, fresh, events, amp))
+        self._pending.append(
+            _Pending(step, skipped, started, parts, fresh, events, amp, frozenset(failed))
+        )
         self._publish_ready(wait=False)
 
     @staticmethod
@@ -740,40 +760,38 @@ class Monitor:
             skipped = skipped or step_skipped > 0
             with self._lock:
                 self._fused_skipped = max(self._fused_skipped, int(skipped_so_far))
-        self._publish(entry.step, skipped, entry.started, table, entry.fresh)
+        self._publish(entry.step, skipped, entry.started, table, entry.fresh, entry.failed)
 
     def _publish(
-        self, step: int, skipped: bool, started: float, table: torch.Tensor, fresh: list[bool]
+        self,
+        step: int,
+        skipped: bool,
+        started: float,
+        table: torch.Tensor,
+        fresh: list[bool],
+        failed: frozenset[int] = frozenset(),
     ) -> None:
         with self._guard("publish"):
             rows = table.tolist()  # sync-ok: a host tensor by now
             layers: dict[str, LayerStats] = {}
             for name, members in zip(self._layer_names, self._layer_members, strict=True):
-                if len(members) == 1:  # parameter granularity: no combining needed
-                    i = members[0]
-                    row = rows[i]
-                    if fresh[i]:
-                        layers[name] = finalize_layer(row, self._numels[i], row[NCOLS])
-                    else:
-                        layers[name] = no_grad_layer(self._numels[i], row[NCOLS])
-                    continue
-                got = [i for i in members if fresh[i]]
-                param_sq = sum(rows[i][NCOLS] for i in members)
-                numel = sum(self._numels[i] for i in (got or members))
-                if got:
-                    row = combine_rows([rows[i] for i in got])
-                    layers[name] = finalize_layer(row, numel, param_sq)
-                else:
-                    layers[name] = no_grad_layer(numel, param_sq)
+                if failed and any(i in failed for i in members):
+                    continue  # its group failed (counted): left out, not shown as zeros
+                try:
+                    layers[name] = self._layer_stats(members, rows, fresh)
+                except Exception as exc:  # one bad layer leaves the others published
+                    self._count_error("publish", exc)
             norm = global_norm(layers)
             # An empty shard (FSDP: a rank may hold no element of a small parameter) is
             # neither vanishing nor dead: leave it to the ranks that hold the elements.
             # A layer whose every parameter is skipped (Monitor.skipped) is not judged either.
             left_out = self._skipped_index
             judged = {
-                n: s
-                for (n, s), members in zip(layers.items(), self._layer_members, strict=True)
-                if s.numel > 0 and not (left_out and all(i in left_out for i in members))
+                n: layers[n]
+                for n, members in zip(self._layer_names, self._layer_members, strict=True)
+                if n in layers  # left out: its group or its statistics failed (counted)
+                and layers[n].numel > 0
+                and not (left_out and all(i in left_out for i in members))
             }
             anomalies = self._health.evaluate(step, judged, norm)
             nonfinite = any(s.nan_count or s.inf_count for s in layers.values())
@@ -807,23 +825,55 @@ class Monitor:
                     with self._guard("sink"):
                         sink.on_publish(snap, scalars)
 
+    def _layer_stats(
+        self, members: list[int], rows: list[list[float]], fresh: list[bool]
+    ) -> LayerStats:
+        if len(members) == 1:  # parameter granularity: no combining needed
+            i = members[0]
+            row = rows[i]
+            if fresh[i]:
+                return finalize_layer(row, self._numels[i], row[NCOLS])
+            return no_grad_layer(self._numels[i], row[NCOLS])
+        got = [i for i in members if fresh[i]]
+        param_sq = sum(rows[i][NCOLS] for i in members)
+        numel = sum(self._numels[i] for i in (got or members))
+        if got:
+            return finalize_layer(combine_rows([rows[i] for i in got]), numel, param_sq)
+        return no_grad_layer(numel, param_sq)
+
     @contextlib.contextmanager
     def _guard(self, stage: str) -> Iterator[None]:
         """Never let a failure inside the agent stop training: count it, warn once."""
         try:
             yield
         except Exception as exc:
-            with self._lock:
-                self._errors[stage] = self._errors.get(stage, 0) + 1
-            if stage not in self._errors_logged:
-                self._errors_logged.add(stage)
-                log.warning(
-                    "gradmon: error in stage %r (counted in gradmon_agent_errors_total; "
-                    "training goes on, further errors of this stage are not logged): %r",
-                    stage,
-                    exc,
-                    exc_info=True,
-                )
+            self._count_error(stage, exc)
+
+    def _count_error(self, stage: str, exc: BaseException) -> None:
+        with self._lock:
+            self._errors[stage] = self._errors.get(stage, 0) + 1
+            first = stage not in self._errors_logged
+            self._errors_logged.add(stage)
+        if first:
+            log.warning(
+                "gradmon: error in stage %r (counted in gradmon_agent_errors_total; "
+                "training goes on, further errors of this stage are not logged): %r",
+                stage,
+                exc,
+                exc_info=exc,
+            )
+
+    def _export_error_fn(self) -> Callable[[BaseException], None]:
+        """For the exporter and the server: count a scrape-time failure under `export`.
+        Holds the monitor weakly (the server thread must not keep it alive)."""
+        me = weakref.ref(self)
+
+        def on_error(exc: BaseException) -> None:
+            mon = me()
+            if mon is not None:
+                mon._count_error("export", exc)
+
+        return on_error
 
     # -------------------------------------------------------------- reading
     def snapshot(self, wait: bool = False) -> Snapshot | None:
@@ -924,17 +974,18 @@ class Monitor:
             if self._closed:
                 return
             self._closed = True
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if getattr(self, "_hook_key", None) is not None:
-            _STEP_HOOK_MONITORS.pop(self._hook_key, None)  # type: ignore[arg-type]
-        unwatch = getattr(self, "_unwatch_scaler", None)
-        if unwatch is not None:
-            unwatch()
-        for sink in getattr(self, "_sinks", []):
-            with self._guard("sink"):
-                sink.close()
+        # The hooks are inert from here on. One may still be working on the training
+        # thread (close() from another thread): let it finish before its handles and
+        # sinks go; bounded, so that a stuck hook cannot hang close().
+        acquired = self._hook_lock.acquire(timeout=5.0)
+        try:
+            self._remove_hooks()
+            for sink in getattr(self, "_sinks", []):
+                with self._guard("sink"):
+                    sink.close()
+        finally:
+            if acquired:
+                self._hook_lock.release()
         server = getattr(self, "_server", None)
         if server is not None:
             server.close()
@@ -943,6 +994,36 @@ class Monitor:
         if registry is not None and collector is not None:
             with contextlib.suppress(KeyError):
                 registry.unregister(collector)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if getattr(self, "_hook_key", None) is not None:
+            _STEP_HOOK_MONITORS.pop(self._hook_key, None)  # type: ignore[arg-type]
+        unwatch = getattr(self, "_unwatch_scaler", None)
+        if unwatch is not None:
+            unwatch()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (a DataLoader worker): inert and holding no port.
+
+        The parent's threads do not exist here: the server is not shut down (that would
+        wait forever for a serve thread), only this process's copy of its listening
+        socket is closed, so that the parent's close() frees the port; the sinks are
+        dropped unclosed (their files and writer threads are the parent's). Locks another
+        thread held at fork time would never be released here: they are made anew.
+        """
+        self._lock = threading.Lock()
+        self._publish_lock = threading.Lock()
+        self._hook_lock = threading.RLock()
+        self._closed = True
+        self._sinks = []
+        self._pending = []
+        self._remove_hooks()
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.close_in_child()
 
     @property
     def closed(self) -> bool:

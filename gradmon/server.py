@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import gzip
 import hmac
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import gzip_accepted
 
 from gradmon.config import ExporterConfig
 from gradmon.errors import GradmonError
@@ -80,6 +83,43 @@ def basic_auth(app: WSGIApp, username: str, password: bytes) -> WSGIApp:
     return guarded
 
 
+def counted(app: WSGIApp, on_error: Callable[[BaseException], None]) -> WSGIApp:
+    """Wrap a WSGI app: a failure while rendering is answered with a 500 and reported to
+    `on_error` (counted, logged once) instead of wsgiref's traceback on stderr."""
+
+    def safe(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return list(app(environ, start_response))
+        except Exception as exc:
+            on_error(exc)
+            start_response(
+                "500 Internal Server Error",
+                [("Content-Type", "text/plain")],
+                sys.exc_info(),
+            )
+            return [b"gradmon: scrape failed (counted in gradmon_agent_errors_total)\n"]
+
+    return safe
+
+
+def cached_app(full: WSGIApp, render: Callable[[str], tuple[bytes, str]]) -> WSGIApp:
+    """/metrics from `render(accept)` (GradmonCollector.exposition); what it does not
+    cover (a `name[]` filter, other paths) goes to prometheus_client's app as before."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("QUERY_STRING") or environ.get("PATH_INFO") == "/favicon.ico":
+            return full(environ, start_response)
+        body, content_type = render(environ.get("HTTP_ACCEPT", ""))
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
+
+    return app
+
+
 def _tls_context(config: ExporterConfig) -> ssl.SSLContext | None:
     tls = config.tls
     if not (tls.certfile or tls.keyfile or tls.client_cafile):
@@ -107,8 +147,19 @@ def _tls_context(config: ExporterConfig) -> ssl.SSLContext | None:
 class MetricsServer:
     """Serves a registry on (addr, port) in a daemon thread, until close()."""
 
-    def __init__(self, config: ExporterConfig, port: int, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        config: ExporterConfig,
+        port: int,
+        registry: CollectorRegistry,
+        on_error: Callable[[BaseException], None] | None = None,
+        render: Callable[[str], tuple[bytes, str]] | None = None,
+    ) -> None:
         app: WSGIApp = make_wsgi_app(registry)
+        if render is not None:
+            app = cached_app(app, render)
+        if on_error is not None:
+            app = counted(app, on_error)
         auth = config.basic_auth
         if bool(auth.username) != bool(auth.password_file):
             raise GradmonError(
@@ -148,13 +199,24 @@ class MetricsServer:
         self._thread = threading.Thread(
             target=httpd.serve_forever, name="gradmon-metrics", daemon=True
         )
-        self._thread.start()
         self._closed = threading.Event()
+        self._thread.start()
 
     def close(self) -> None:
+        """Stop serving and free the port; the serve thread is joined (bounded)."""
         if self._closed.is_set():
             return
         self._closed.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+    def close_in_child(self) -> None:
+        """In a forked child: close this process's copy of the listening socket only.
+
+        No shutdown(): the serve thread is not in this process (shutdown() would wait
+        for it forever), and shutdown(2) on the shared socket would stop the parent's.
+        """
+        self._closed = threading.Event()  # its lock may have been held at fork time
+        self._closed.set()
+        self._server.socket.close()

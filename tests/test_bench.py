@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 from gradmon.bench import format_result, run_bench
 from gradmon.bench_peers import format_peers, run_peers
@@ -26,3 +31,27 @@ def test_peers_are_all_listed() -> None:
     if os.environ.get("CI"):
         assert all(r.ratio is not None for r in results), format_peers(results)
     assert "no monitoring" in format_peers(results)
+
+
+def _run_script(name: str, *args: str) -> dict[str, Any]:
+    """bench/<name> as a user runs it, with tiny sizes: it must not rot."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, str(root / "bench" / name), *args, "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def test_load_bench_smoke() -> None:
+    r = _run_script("load.py", "--layers", "30", "--scrapers", "2", "--rounds", "1", "--steps", "3")
+    assert r["failed_scrapes"] == 0 and r["agent_errors"] == 0 and r["scrapes"] > 0
+    assert r["scrape_ms"]["p50"] > 0 and r["scraped_over_baseline"] > 0
+    assert r["exposition_bytes"] > 0
+
+
+def test_soak_bench_smoke() -> None:
+    r = _run_script("soak.py", "--steps", "200", "--sample-every", "50", "--scrape-every", "20")
+    assert r["failed_scrapes"] == 0 and r["agent_errors"] == 0 and r["scrapes"] == 10
+    assert len(r["samples"]) == 4 and "rss_growth_mib" in r  # growth is judged in real runs

@@ -8,7 +8,8 @@ import urllib.request
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gradmon
@@ -195,3 +196,39 @@ def test_scraping_while_training(net: SmallNet) -> None:
         assert mon._errors == dict.fromkeys(mon._errors, 0)
     assert not failures
     assert seen_steps, "no scrape saw a snapshot"
+
+
+@pytest.mark.parametrize("accept", ["", "application/openmetrics-text; version=1.0.0"])
+def test_cached_exposition_matches_the_registry(net: SmallNet, accept: str) -> None:
+    """The server reuses the per-layer families between publishes: what it serves equals
+    the registry's own exposition, in both formats, and follows every new snapshot."""
+    from prometheus_client.openmetrics.parser import (
+        text_string_to_metric_families as parse_openmetrics,
+    )
+    from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    parse = parse_openmetrics if accept else parse_text
+
+    def gradmon_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in parse(text)
+            for s in f.samples
+            if s.name.startswith("gradmon_") and "duration" not in s.name
+        }
+
+    with gradmon.attach(net, opt, config={"exporter": {"port": 0}}) as mon:
+        for _ in range(3):
+            train_step(net, opt)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{mon.port}/metrics", headers={"Accept": accept}
+            )
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                served = resp.read().decode()
+            encoder = generate_latest if not accept else openmetrics_latest
+            want = gradmon_samples(encoder(mon.registry).decode())
+            got = gradmon_samples(served)
+            assert got == want
+            assert ("gradmon_grad_norm", (("layer", "fc1.weight"),)) in got
+            assert got[("gradmon_step", ())] == mon._steps - 1

@@ -1,0 +1,44 @@
+"""Monitors across process events: a fork (DataLoader workers) and interpreter exit.
+
+- fork: the child gets a copy of every live monitor, its hooks and the server's
+  listening socket, but none of its threads. There the monitor is made inert and the
+  socket copy closed (`Monitor._after_fork_in_child`): the child collects nothing,
+  serves nothing, and the parent's close() frees the port while workers still run.
+- exit: monitors still open are closed (hooks removed, sinks flushed, server stopped).
+  Every thread of the agent is a daemon thread, so none keeps the process alive.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import weakref
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gradmon.monitor import Monitor
+
+_live: weakref.WeakSet[Monitor] = weakref.WeakSet()
+
+
+def track(monitor: Monitor) -> None:
+    """Follow a monitor until it is garbage: made inert in forked children, closed at exit."""
+    _live.add(monitor)
+
+
+def _after_fork_in_child() -> None:
+    for monitor in list(_live):
+        with contextlib.suppress(Exception):  # a child must start whatever happens
+            monitor._after_fork_in_child()
+
+
+def _close_all() -> None:
+    for monitor in list(_live):
+        with contextlib.suppress(Exception):
+            monitor.close()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all)
