@@ -19,6 +19,10 @@ K x chunks collections old), carried in every snapshot until it is measured agai
 Steps that did not update the weights: a step GradScaler skips never runs the step hooks
 (not sampled, values kept); a fused optimizer that skips the step itself (found_inf)
 leaves w unchanged, so the ratio measured is 0, which is what happened.
+
+FSDP2: each rank measures its local shard (‖Δw_shard‖/‖w_shard‖), like the other
+per-layer statistics; a rank whose shard of a layer is empty leaves it unmeasured.
+Complex weights count their real and imaginary parts (the complex L2 norm).
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ class UpdateRatio:
                 if p is None:
                     continue
                 w = _weight(p)
+                if w.numel() == 0:  # an empty FSDP shard: nothing to measure on this rank
+                    continue
                 tensors.append((i, w))
                 need[w.device] = need.get(w.device, 0) + _aligned(w.numel() * w.element_size())
             if not tensors:

@@ -339,3 +339,23 @@ def test_compiled_optimizer_step_measures_without_graph_break() -> None:
     breaks = run(attach=True)
     assert breaks == run(attach=False)  # the agent's two hooks add no graph break
     assert not any("gradmon" in reason for reason in breaks)
+
+
+def test_complex_weights_count_real_and_imaginary_parts() -> None:
+    from .test_unusual_grads import ComplexNet
+
+    model = ComplexNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradmon.attach(model, opt, config=config()) as mon:
+        opt.zero_grad()
+        model(torch.randn(4, 2)).backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        got = ratios(mon)
+    for n, p in model.named_parameters():
+        # the complex L2 norm: |z|^2 = re^2 + im^2
+        want = (p.detach() - before[n]).to(torch.complex128).abs().norm() / p.detach().to(
+            torch.complex128
+        ).abs().norm()
+        assert got[n] == pytest.approx(float(want), rel=1e-5), n
+        assert got[n] > 0
