@@ -17,7 +17,9 @@
 #   tests  pytest -m gpu tests/test_cuda.py: the Triton kernel against the float64 reference
 #          on CUDA tensors (all dtypes, NaN/Inf, chunk boundaries, unaligned views, 1e8 and
 #          >2**31 elements) and training steps with the agent attached under
-#          torch.cuda.set_sync_debug_mode("error")
+#          torch.cuda.set_sync_debug_mode("error"), once more with
+#          collect.update_ratio_every: 1 and a budget forcing round-robin chunks (no sync,
+#          pooled pinned buffers reused, ratio against float64; a few seconds more)
 #   bench  bench/gpu_bench.py: GB/s against a device copy and time against _foreach_norm on
 #          GPT-2-small- and 1.3B-shaped grads, a kernel config sweep, step overhead on a
 #          GPT-2-small-shaped model, syncs per step -> $OUT/gpu_bench.json

@@ -48,6 +48,18 @@ class CollectConfig(_Section):
     )
     depth: int = Field(2, ge=1, description="module-path components kept when granularity is depth")
     backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
+    update_ratio_every: int = Field(
+        0,
+        ge=0,
+        description="gradmon_update_ratio (|dw|/|w|) on every n-th collection at an "
+        "optimizer step; 0 = off",
+    )
+    update_ratio_max_bytes: int = Field(
+        256 << 20,
+        gt=0,
+        description="device memory per device for the copy of the old weights; layers past "
+        "it are measured round-robin over successive samples",
+    )
 
     _regex = field_validator("include", "exclude")(_check_regex)
 

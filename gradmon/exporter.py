@@ -293,6 +293,17 @@ def _layer_families(
         for name, stats in layers:
             g.add_metric([name, *rank_values], getattr(stats, attr))
         yield g
+    # Opt-in (collect.update_ratio_every): only layers measured so far have a value.
+    ratios = [(n, s.update_ratio) for n, s in layers if s.update_ratio is not None]
+    if ratios:
+        g = GaugeMetricFamily(
+            "gradmon_update_ratio",
+            "||dw||/||w|| of the layer at the last sampled optimizer step that measured it.",
+            labels=labels,
+        )
+        for name, ratio in ratios:
+            g.add_metric([name, *rank_values], ratio)
+        yield g
     c = CounterMetricFamily(
         "gradmon_layer_nonfinite_steps",
         "Collected steps where this layer's gradient had NaN/Inf entries.",

@@ -24,6 +24,7 @@ Training regimes:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -67,7 +68,9 @@ from gradmon.snapshot import (
     global_norm,
     no_grad_layer,
 )
+from gradmon.staging import Staged, StagingPool
 from gradmon.stats import NCOLS, Col, PartialsFn, param_sum_squares, select_backend
+from gradmon.update_ratio import UpdateRatio
 from gradmon.version import __version__
 
 log = logging.getLogger("gradmon")
@@ -84,11 +87,14 @@ class _Pending:
     started: float
     parts: list[tuple[torch.Tensor, list[int]]]  # ([n, NCOLS + 1] host rows, param indices)
     fresh: list[bool]
-    events: list[torch.cuda.Event]
+    staged: list[Staged]  # one device-to-host copy per device; released once published
     # Fused optimizers under a GradScaler: [this step skipped (0/1), skipped steps so far]
     amp: torch.Tensor | None = None
     # Parameters whose (device, dtype) group failed: their layers are left out.
     failed: frozenset[int] = frozenset()
+    # collect.update_ratio_every: a sampled step waits for its step post-hook's rows.
+    held: bool = False
+    update: list[tuple[Staged, list[int]]] | None = None
 
 
 def _layer_name(param_name: str, granularity: str, depth: int = 1) -> str:
@@ -204,33 +210,41 @@ _STEP_HOOK_MONITORS: dict[int, weakref.ref[Monitor]] = {}
 _step_hook_keys = itertools.count(1)
 
 
-def _step_hook_by_key(key: int) -> None:
+def _step_hook_by_key(key: int, post: bool = False) -> None:
     ref = _STEP_HOOK_MONITORS.get(key)
     mon = ref() if ref is not None else None
     if mon is not None:
-        mon._on_optimizer_step()
+        if post:
+            mon._on_optimizer_step_post()
+        else:
+            mon._on_optimizer_step()
 
 
 @functools.cache
-def _compiled_step_hook() -> Callable[[int], None]:
-    """The step hook as torch.compile runs it: a leaf function (an opaque call in the
-    graph, run eagerly at runtime: no graph break), or where this torch has no
+def _compiled_step_hook(post: bool = False) -> Callable[[int], None]:
+    """The step (pre or post) hook as torch.compile runs it: a leaf function (an opaque
+    call in the graph, run eagerly at runtime: no graph break), or where this torch has no
     `leaf_function`, a `torch.compiler.disable`d call (correct, with a graph break)."""
     try:
         from torch._dynamo.decorators import leaf_function
     except ImportError:
-        fallback: Callable[[int], None] = torch.compiler.disable(_step_hook_by_key)  # type: ignore[no-untyped-call]
+        fallback: Callable[[int], None] = torch.compiler.disable(  # type: ignore[no-untyped-call]
+            functools.partial(_step_hook_by_key, post=post)
+        )
         return fallback
 
-    @leaf_function
     def gradmon_step_hook(key: int) -> None:
-        _step_hook_by_key(key)
+        _step_hook_by_key(key, post)
 
-    @gradmon_step_hook.register_fake  # type: ignore[attr-defined,untyped-decorator]
+    if post:  # a name of its own: the leaf is an op named after the function
+        gradmon_step_hook.__name__ = gradmon_step_hook.__qualname__ = "gradmon_step_post_hook"
+    leaf = leaf_function(gradmon_step_hook)
+
+    @leaf.register_fake  # type: ignore[attr-defined,untyped-decorator]
     def _fake(key: int) -> None:
         return None
 
-    hook: Callable[[int], None] = gradmon_step_hook
+    hook: Callable[[int], None] = leaf
     return hook
 
 
@@ -321,6 +335,23 @@ class Monitor:
         self._last_grad: list[tuple[int, int] | None] = [None] * len(named)
         self._backends: dict[tuple[torch.device, torch.dtype], PartialsFn] = {}
         self._pending: list[_Pending] = []
+        self._staging = StagingPool()  # pinned host buffers of the CUDA copies, reused
+        # Opt-in gradmon_update_ratio (gradmon/update_ratio.py): needs the optimizer's step.
+        self._update: UpdateRatio | None = None
+        self._held: _Pending | None = None  # the sampled collection awaiting its post-hook
+        if cfg.collect.update_ratio_every and optimizer is None:
+            log.warning(
+                "gradmon: collect.update_ratio_every is set but attach() got no optimizer: "
+                "the update ratio is measured around optimizer.step(), so it is off"
+            )
+        elif cfg.collect.update_ratio_every:
+            self._update = UpdateRatio(
+                cfg.collect.update_ratio_every,
+                cfg.collect.update_ratio_max_bytes,
+                layer_names,
+                self._layer_members,
+                self._param_refs,
+            )
 
         # State the exporter copies under self._lock.
         self._steps = 0
@@ -533,6 +564,19 @@ class Monitor:
 
             self._handles.append(optimizer.register_step_pre_hook(on_step))
 
+            if self._update is not None:  # only then: no post-hook cost when it is off
+                compiled_post = _compiled_step_hook(post=True)
+
+                def on_step_post(opt: Any, _args: Any, _kwargs: Any) -> None:
+                    if torch.compiler.is_compiling():
+                        compiled_post(key)  # as on_step: an opaque leaf call
+                        return
+                    mon = me()
+                    if mon is not None:
+                        mon._on_optimizer_step_post()
+
+                self._handles.append(optimizer.register_step_post_hook(on_step_post))
+
         if scaler is not None:
             self._unwatch_scaler = _watch_scaler(scaler, self)
 
@@ -570,7 +614,28 @@ class Monitor:
             grad_scale = getattr(optimizer, "grad_scale", None)
             skip_flag = self._count_fused_skip(getattr(optimizer, "found_inf", None))
             if step % self.config.collect.every_n_steps == 0:
-                self._collect(step, skipped=False, grad_scale=grad_scale, skip_flag=skip_flag)
+                measure = self._update is not None and self._update.due()
+                self._collect(
+                    step, False, grad_scale=grad_scale, skip_flag=skip_flag, measure=measure
+                )
+
+    def _on_optimizer_step_post(self) -> None:
+        """After optimizer.step() of a sampled collection: the update ratio's rows, staged
+        like the partials; the collection is published with them."""
+        with self._hook_lock:  # as the pre-hook: close() from another thread waits for it
+            if self._closed:
+                return
+            entry, self._held = self._held, None
+            if entry is None or self._update is None:
+                return
+            try:
+                with self._guard("hook"):
+                    parts = self._update.after_step()
+                    entry.update = [(self._to_host(rows), layers) for rows, layers in parts]
+            finally:
+                entry.held = False  # published with the ratios, or (on a failure) without
+            with self._guard("publish"):
+                self._publish_ready(wait=False)
 
     def _count_fused_skip(self, found_inf: Any) -> torch.Tensor | None:
         """A fused optimizer skips a step with inf/NaN inside its kernel: add the step's
@@ -628,8 +693,12 @@ class Monitor:
         skipped: bool,
         grad_scale: torch.Tensor | float | None = None,
         skip_flag: torch.Tensor | None = None,
+        measure: bool = False,
     ) -> None:
         started = time.perf_counter()
+        if self._held is not None:  # the last sampled step raised before its post-hook
+            self._held.held = False
+            self._held = None
         self._publish_ready(wait=False)
         self._check_new_parameters()
         fresh = self._fresh_gradients()
@@ -659,8 +728,7 @@ class Monitor:
                 gone,
                 len(self._param_refs),
             )
-        parts: list[tuple[torch.Tensor, list[int]]] = []
-        events: list[torch.cuda.Event] = []
+        blocks: dict[torch.device, list[tuple[torch.Tensor, list[int] | None]]] = {}
         failed: set[int] = set()
         for (device, dtype), indices in groups.items():
             # A failing group (its backend, its dtype) leaves only its own layers out.
@@ -685,11 +753,14 @@ class Monitor:
                     partials = _unscale_partials(partials, grad_scale)
                 param_sq = param_sum_squares([weights[i] for i in indices])
                 block = torch.cat([partials, param_sq.unsqueeze(1).to(partials.device)], dim=1)
-                parts.append((self._to_host(block, events), indices))
+                blocks.setdefault(block.device, []).append((block, indices))
                 failed.difference_update(indices)
-        amp = None
         if skip_flag is not None and self._fused_skips is not None:
-            amp = self._to_host(torch.stack([skip_flag, self._fused_skips]), events)
+            # The fused-AMP flags ride in one extra row of their device's copy.
+            flags = torch.stack([skip_flag, self._fused_skips])
+            row = torch.cat([flags, flags.new_zeros(NCOLS - 1)]).unsqueeze(0)
+            blocks.setdefault(row.device, []).append((row, None))
+        parts, staged, amp = self._stage_blocks(blocks)
         if self._sinks:
             by_layer: dict[str, list[torch.Tensor]] = {}
             for indices in groups.values():
@@ -701,23 +772,45 @@ class Monitor:
                     sink.on_collect(step, by_layer)
         for i in range(len(self._received)):
             self._received[i] = False
-        self._pending.append(
-            _Pending(step, skipped, started, parts, fresh, events, amp, frozenset(failed))
-        )
+        entry = _Pending(step, skipped, started, parts, fresh, staged, amp, frozenset(failed))
+        if measure and self._update is not None:
+            with self._guard("hook"):
+                # After the gradients: the old weights, copied for the step post-hook.
+                entry.held = self._update.before_step()
+        if entry.held:
+            self._held = entry
+        self._pending.append(entry)
         self._publish_ready(wait=False)
 
-    @staticmethod
-    def _to_host(block: torch.Tensor, events: list[torch.cuda.Event]) -> torch.Tensor:
-        """CPU: the block itself. Otherwise a non-blocking copy into pinned memory behind
-        an event: published once the event has completed, never waited for here."""
+    def _stage_blocks(
+        self, blocks: dict[torch.device, list[tuple[torch.Tensor, list[int] | None]]]
+    ) -> tuple[list[tuple[torch.Tensor, list[int]]], list[Staged], torch.Tensor | None]:
+        """One device-to-host copy per device: the blocks of a device are concatenated
+        first. Returns the host rows of each block (valid once its copy is ready), the
+        copies, and the fused-AMP flag row (the block without indices) if any."""
+        parts: list[tuple[torch.Tensor, list[int]]] = []
+        staged: list[Staged] = []
+        amp = None
+        for items in blocks.values():
+            whole = items[0][0] if len(items) == 1 else torch.cat([b for b, _ in items])
+            copy = self._to_host(whole)
+            staged.append(copy)
+            start = 0
+            for block, indices in items:
+                rows = copy.host[start : start + block.shape[0]]
+                start += block.shape[0]
+                if indices is None:
+                    amp = rows[0, :2]
+                else:
+                    parts.append((rows, indices))
+        return parts, staged, amp
+
+    def _to_host(self, block: torch.Tensor) -> Staged:
+        """CPU: the block itself. Otherwise a non-blocking copy into a pooled pinned buffer
+        behind an event: published once the event has completed, never waited for here."""
         if block.device.type == "cpu":
-            return block
-        staging = torch.empty(block.shape, dtype=torch.float64, pin_memory=True)
-        staging.copy_(block, non_blocking=True)
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record(torch.cuda.current_stream(block.device))
-        events.append(event)
-        return staging
+            return Staged(block)
+        return self._staging.stage(block)
 
     def _fresh_gradients(self) -> list[bool]:
         """Which parameters received a gradient since the last collection.
@@ -742,15 +835,19 @@ class Monitor:
         with self._publish_lock:
             while self._pending:
                 entry = self._pending[0]
+                if entry.held:
+                    return  # its optimizer step is still running (the post-hook comes)
+                copies = entry.staged + [copy for copy, _ in entry.update or []]
                 if wait:
-                    for event in entry.events:
-                        event.synchronize()  # sync-ok: only from snapshot(wait=True)
-                elif not all(event.query() for event in entry.events):  # type: ignore[no-untyped-call]
+                    for copy in copies:
+                        if copy.event is not None:
+                            copy.event.synchronize()  # sync-ok: only from snapshot(wait=True)
+                elif not all(copy.ready() for copy in copies):
                     return
                 self._pending.pop(0)
-                self._publish_entry(entry)
+                self._publish_entry(entry, copies)
 
-    def _publish_entry(self, entry: _Pending) -> None:
+    def _publish_entry(self, entry: _Pending, copies: list[Staged]) -> None:
         table = torch.zeros((len(entry.fresh), NCOLS + 1), dtype=torch.float64)
         for block, indices in entry.parts:
             table[indices] = block
@@ -760,6 +857,11 @@ class Monitor:
             skipped = skipped or step_skipped > 0
             with self._lock:
                 self._fused_skipped = max(self._fused_skipped, int(skipped_so_far))
+        if entry.update and self._update is not None:
+            with self._guard("publish"):
+                self._update.finish([(copy.host, layers) for copy, layers in entry.update])
+        for copy in copies:  # every row is read: the buffers may be reused
+            self._staging.release(copy)
         self._publish(entry.step, skipped, entry.started, table, entry.fresh, entry.failed)
 
     def _publish(
@@ -781,6 +883,11 @@ class Monitor:
                     layers[name] = self._layer_stats(members, rows, fresh)
                 except Exception as exc:  # one bad layer leaves the others published
                     self._count_error("publish", exc)
+            ratios = self._update.last if self._update is not None else None
+            if ratios:  # the last measured value of each layer (update_ratio.py: staleness)
+                layers = {
+                    n: dataclasses.replace(s, update_ratio=ratios.get(n)) for n, s in layers.items()
+                }
             norm = global_norm(layers)
             # An empty shard (FSDP: a rank may hold no element of a small parameter) is
             # neither vanishing nor dead: leave it to the ranks that hold the elements.

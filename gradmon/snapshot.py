@@ -32,6 +32,9 @@ class LayerStats:
     param_norm: float
     sum_squares: float = 0.0  # additive partial, exported for cross-rank sums
     received: bool = True  # False: no gradient reached this layer since the last collection
+    # ‖Δw‖/‖w‖ of the last sampled step that measured this layer (collect.update_ratio_every);
+    # None when off or not measured yet.
+    update_ratio: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,16 @@ def test_environment_read_only_when_loading(monkeypatch: pytest.MonkeyPatch) -> 
         ({"collect": {"every_n_steps": 0}}, ["collect.every_n_steps", "greater than or equal"]),
         ({"collect": {"every_n_steps": "often"}}, ["collect.every_n_steps", "'often'"]),
         ({"collect": {"backend": "cuda"}}, ["collect.backend", "'triton'"]),
+        ({"collect": {"update_ratio_every": -1}}, ["collect.update_ratio_every", "(got -1)"]),
+        (
+            {"collect": {"update_ratio_every": "sometimes"}},
+            ["collect.update_ratio_every", "integer"],
+        ),
+        (
+            {"collect": {"update_ratio_max_bytes": 0}},
+            ["collect.update_ratio_max_bytes", "greater than 0"],
+        ),
+        ({"collect": {"update_ratio": 1}}, ["collect.update_ratio", "update_ratio_every"]),
         ({"collect": {"include": "("}}, ["collect.include", "regular expression"]),
         ({"exporter": {"port": 70000}}, ["exporter.port", "65535"]),
         ({"exporter": {"tls": {"cert": "x"}}}, ["exporter.tls.cert", "certfile"]),

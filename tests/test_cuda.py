@@ -226,3 +226,44 @@ def test_training_step_makes_no_sync(tb: ModuleType, param_dtype: torch.dtype) -
         assert s.max == row[Col.MAX] and s.nan_count == 0 and s.inf_count == 0, name
         assert s.zero_ratio == row[Col.ZERO_COUNT] / s.numel, name
     assert snap.global_norm == pytest.approx(math.sqrt(float(want[:, Col.SUM_SQ].sum())), rel=1e-5)
+
+
+def test_update_ratio_makes_no_sync_and_staging_buffers_are_reused(tb: ModuleType) -> None:
+    """collect.update_ratio_every: 1 with a budget of half the weights (two round-robin
+    chunks): no host sync in the step, pinned buffers reused across steps, and the ratio
+    of the last sample against a float64 reference."""
+    import gradmon
+
+    torch.manual_seed(0)
+    model = GPT().to(CUDA)
+    tokens = torch.randint(0, 512, (4, 64), device=CUDA)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    half = sum(p.numel() * p.element_size() for p in model.parameters()) // 2
+    cfg = {
+        "exporter": {"enabled": False},
+        "collect": {"update_ratio_every": 1, "update_ratio_max_bytes": half},
+    }
+    mon = gradmon.attach(model, opt, config=cfg)
+    try:
+        _train(model, opt, tokens, 4)  # kernels compiled, chunks planned, buffers made
+        mon.snapshot(wait=True)
+        allocated = mon._staging.allocations
+        with sync_debug("error"):
+            _train(model, opt, tokens, 10)  # 20 copies staged: partials + ratio rows
+        assert not any(mon._errors.values()), mon._errors
+        # Reused, not one pinned allocation per copy (a spare only when the GPU lagged).
+        assert mon._staging.allocations - allocated <= 4, mon._staging.allocations
+        earlier = {n: s.update_ratio for n, s in mon.snapshot(wait=True).layers.items()}  # type: ignore[union-attr]
+        before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+        _train(model, opt, tokens, 1)
+        after = {n: p.detach().double() for n, p in model.named_parameters()}
+        snap = mon.snapshot(wait=True)
+    finally:
+        mon.close()
+    assert snap is not None and mon._update is not None and len(mon._update._chunks or []) >= 2
+    assert all(s.update_ratio is not None for s in snap.layers.values())
+    measured = [n for n, s in snap.layers.items() if s.update_ratio != earlier[n]]
+    assert measured
+    for n in measured:
+        want = float((after[n] - before[n]).norm() / after[n].norm())
+        assert snap.layers[n].update_ratio == pytest.approx(want, rel=1e-4), n

@@ -167,3 +167,24 @@ def test_series_count_is_as_documented(
         assert len(capped) == 1 and "exporter.max_layers is 4" in capped[0]
     else:
         assert not capped
+
+
+@pytest.mark.parametrize(("max_layers", "exported"), [(512, 15), (4, 4)])
+def test_update_ratio_series_are_per_exported_layer(max_layers: int, exported: int) -> None:
+    """Opt-in gradmon_update_ratio: one series per exported layer once measured, capped by
+    exporter.max_layers like the other per-layer families; absent when off."""
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    registry = CollectorRegistry()
+    cfg = {
+        "collect": {"update_ratio_every": 1},
+        "exporter": {"enabled": False, "max_layers": max_layers},
+    }
+    with gradmon.attach(model, opt, config=cfg, registry=registry):
+        assert "gradmon_update_ratio" not in series(registry)  # nothing measured yet
+        opt.zero_grad()
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+        counts = series(registry)
+    assert counts["gradmon_update_ratio"] == exported
+    assert all(counts[name] == exported for name in PER_LAYER)

@@ -16,7 +16,9 @@ in the same file) or written to a fresh file (`overwrite`):
   `Monitor.log()` when the snapshot was published (tensors read on the writer thread).
 - Layer fields are those of gradmon.LayerStats: magnitudes over finite entries, NaN/Inf
   entries counted in `nan_count`/`inf_count`; `received: false` means no gradient reached
-  the layer since the previous collection.
+  the layer since the previous collection; `update_ratio` (‖Δw‖/‖w‖, see
+  gradmon/update_ratio.py) is present only under `collect.update_ratio_every`, once the
+  layer was measured.
 - Non-finite numbers (NaN, +-Inf) are written as JSON `null`; for layers, `nan_count`
   and `inf_count` say which. `min`/`max` are null when a layer has no finite entry.
 - Lines are in publication order; a resumed run may repeat steps (readers keep the last).
@@ -51,7 +53,7 @@ __all__ = ["RecordSink", "read_record", "snapshot_record"]
 
 def _layer_record(s: LayerStats) -> dict[str, Any]:
     f = finite_or_none
-    return {
+    out = {
         "norm": f(s.norm),
         "rms": f(s.rms),
         "abs_max": f(s.abs_max),
@@ -65,6 +67,9 @@ def _layer_record(s: LayerStats) -> dict[str, Any]:
         "numel": s.numel,
         "received": s.received,
     }
+    if s.update_ratio is not None:  # collect.update_ratio_every, once measured
+        out["update_ratio"] = f(s.update_ratio)
+    return out
 
 
 def snapshot_record(snapshot: Snapshot, scalars: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Every collected step writes, at the snapshot's step:
 - per layer, one tag per statistic, so TensorBoard shows a section per statistic with a
   chart per layer: `grad_norm/<layer>`, `grad_rms/<layer>`, `grad_abs_max/<layer>`,
   `grad_mean/<layer>`, `grad_zero_ratio/<layer>`, `grad_nonfinite/<layer>` (NaN + Inf
-  entries), `param_norm/<layer>`;
+  entries), `param_norm/<layer>`, and `update_ratio/<layer>` where measured
+  (collect.update_ratio_every);
 - `global/grad_norm`, `global/nonfinite` (0/1), `global/skipped` (0/1);
 - `anomalies/<kind>`: anomalies of each kind at this step (0 when none), and a text
   `anomalies` table (layer, kind, value) at the steps that had any;
@@ -265,7 +266,8 @@ class TensorBoardSink:
             {
                 "gradmon (all layers)": {
                     tag: ["Multiline", [rf"^{tag}/"]]
-                    for tag in [t for t, _ in LAYER_TAGS] + ["grad_nonfinite", "anomalies"]
+                    for tag in [t for t, _ in LAYER_TAGS]
+                    + ["grad_nonfinite", "update_ratio", "anomalies"]
                 }
             }
         )
@@ -352,6 +354,8 @@ class TensorBoardSink:
         for name, s in snap.layers.items():
             values.extend((f"{tag}/{name}", float(getattr(s, attr))) for tag, attr in LAYER_TAGS)
             values.append((f"grad_nonfinite/{name}", float(s.nan_count + s.inf_count)))
+            if s.update_ratio is not None:
+                values.append((f"update_ratio/{name}", s.update_ratio))
         kinds = dict.fromkeys(ANOMALY_KINDS, 0)
         for a in snap.anomalies:
             kinds[a.kind] = kinds.get(a.kind, 0) + 1
