@@ -35,7 +35,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradmon import distributed
+from gradmon.activations import ActivationTracker
 from gradmon.config import Config, load_config
 from gradmon.errors import GradmonError
 from gradmon.exporter import (
@@ -87,6 +88,7 @@ class _Pending:
     events: list[torch.cuda.Event]
     # Fused optimizers under a GradScaler: [this step skipped (0/1), skipped steps so far]
     amp: torch.Tensor | None = None
+    activations: list[torch.Tensor] = field(default_factory=list)  # [modules, 6] host tables
 
 
 def _layer_name(param_name: str, granularity: str, depth: int = 1) -> str:
@@ -354,9 +356,24 @@ class Monitor:
         self._step_seen_since_update = False
         self._unwatch_scaler: Callable[[], None] | None = None
         self._hook_key: int | None = None
+        self._activations: ActivationTracker | None = None
+        self._activation_nonfinite: dict[str, int] = {}
+        self._exported_activations: list[str] = []
 
         try:
             self._install_hooks(named, optimizer, scaler)
+            if cfg.collect.activations:
+                self._activations = ActivationTracker(_unwrap(model), cfg.collect, ROOT_MODULE)
+                self._exported_activations = self._activations.names[: cfg.exporter.max_layers]
+                if len(self._activations.names) > cfg.exporter.max_layers:
+                    log.warning(
+                        "gradmon: %d modules with activation statistics but "
+                        "exporter.max_layers is %d: gradmon_activation_* series are exported "
+                        "for the first %d only; narrow collect.activations_include/exclude",
+                        len(self._activations.names),
+                        cfg.exporter.max_layers,
+                        cfg.exporter.max_layers,
+                    )
             self._registry = registry if registry is not None else self._default_registry()
             self._collector = GradmonCollector(self._export_state)
             self._registry.register(self._collector)
@@ -550,7 +567,7 @@ class Monitor:
         with self._guard("hook"):
             self._step_seen_since_update = True
             step = self._steps
-            self._steps += 1
+            self._advance()
             if optimizer is None and self._optimizer_ref is not None:
                 optimizer = self._optimizer_ref()
             # Set by GradScaler.step() on fused optimizers only, for the step's duration.
@@ -558,6 +575,12 @@ class Monitor:
             skip_flag = self._count_fused_skip(getattr(optimizer, "found_inf", None))
             if step % self.config.collect.every_n_steps == 0:
                 self._collect(step, skipped=False, grad_scale=grad_scale, skip_flag=skip_flag)
+
+    def _advance(self) -> None:
+        """Count a step; arm the activation hooks when the next step is a collected one."""
+        self._steps += 1
+        if self._activations is not None:
+            self._activations.armed = self._steps % self.config.collect.every_n_steps == 0
 
     def _count_fused_skip(self, found_inf: Any) -> torch.Tensor | None:
         """A fused optimizer skips a step with inf/NaN inside its kernel: add the step's
@@ -585,7 +608,7 @@ class Monitor:
             # GradScaler found inf/NaN and skipped optimizer.step(): our step hook never
             # ran, so count the step here and look at the (unscaled, non-finite) grads.
             step = self._steps
-            self._steps += 1
+            self._advance()
             self._skipped_steps += 1
             if step % self.config.collect.every_n_steps == 0:
                 self._collect(step, skipped=True)
@@ -604,7 +627,7 @@ class Monitor:
             if step is None:
                 step = self._steps
             if self._optimizer_ref is None or skipped:
-                self._steps += 1
+                self._advance()
             if skipped:
                 self._skipped_steps += 1
             self._collect(step, skipped=skipped)
@@ -681,9 +704,10 @@ class Monitor:
             for sink in self._sinks:
                 with self._guard("sink"):
                     sink.on_collect(step, by_layer)
+        acts = self._activations.take(self._to_host, events) if self._activations else []
         for i in range(len(self._received)):
             self._received[i] = False
-        self._pending.append(_Pending(step, skipped, started, parts, fresh, events, amp))
+        self._pending.append(_Pending(step, skipped, started, parts, fresh, events, amp, acts))
         self._publish_ready(wait=False)
 
     @staticmethod
@@ -740,10 +764,16 @@ class Monitor:
             skipped = skipped or step_skipped > 0
             with self._lock:
                 self._fused_skipped = max(self._fused_skipped, int(skipped_so_far))
-        self._publish(entry.step, skipped, entry.started, table, entry.fresh)
+        self._publish(entry.step, skipped, entry.started, table, entry.fresh, entry.activations)
 
     def _publish(
-        self, step: int, skipped: bool, started: float, table: torch.Tensor, fresh: list[bool]
+        self,
+        step: int,
+        skipped: bool,
+        started: float,
+        table: torch.Tensor,
+        fresh: list[bool],
+        activation_tables: list[torch.Tensor] | None = None,
     ) -> None:
         with self._guard("publish"):
             rows = table.tolist()  # sync-ok: a host tensor by now
@@ -777,6 +807,9 @@ class Monitor:
             }
             anomalies = self._health.evaluate(step, judged, norm)
             nonfinite = any(s.nan_count or s.inf_count for s in layers.values())
+            acts = {}
+            if self._activations is not None and activation_tables:
+                acts = self._activations.finalize(activation_tables)
             snap = Snapshot(
                 step=step,
                 global_norm=norm,
@@ -785,6 +818,7 @@ class Monitor:
                 anomalies=anomalies,
                 timestamp=time.time(),
                 skipped=skipped,
+                activations=acts,
             )
             with self._lock:
                 self._snapshot = snap
@@ -793,6 +827,10 @@ class Monitor:
                 for name, s in layers.items():
                     if s.nan_count or s.inf_count:
                         self._layer_nonfinite[name] = self._layer_nonfinite.get(name, 0) + 1
+                for name, act in acts.items():
+                    if act.nan_count or act.inf_count:
+                        count = self._activation_nonfinite.get(name, 0) + 1
+                        self._activation_nonfinite[name] = count
                 for a in anomalies:
                     key = (a.layer, a.kind)
                     self._anomalies_total[key] = self._anomalies_total.get(key, 0) + 1
@@ -891,6 +929,9 @@ class Monitor:
         rank = self._rank_now()
         with self._lock:
             scalars = dict(self._scalars)
+            errors = dict(self._errors)
+            if self._activations is not None:
+                errors["hook"] = errors.get("hook", 0) + self._activations.errors
             state = ExportState(
                 version=__version__,
                 run_id=self.run_id,
@@ -903,10 +944,12 @@ class Monitor:
                 layer_names=self._exported_layers,
                 anomalies_total=dict(self._anomalies_total),
                 layer_nonfinite_total=dict(self._layer_nonfinite),
-                errors_total=dict(self._errors),
+                errors_total=errors,
                 global_norm_hist=self._norm_hist.copy(),
                 duration_hist=self._duration_hist.copy(),
                 per_layer=self._exports_layers(rank),
+                activation_names=self._exported_activations,
+                activation_nonfinite_total=dict(self._activation_nonfinite),
             )
         # Tensor scalars and the loss scale are read here, on the scrape thread: on CUDA
         # that read waits for the GPU on this thread only (item() releases the GIL), never
@@ -927,6 +970,9 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        activations = getattr(self, "_activations", None)
+        if activations is not None:
+            activations.remove()
         if getattr(self, "_hook_key", None) is not None:
             _STEP_HOOK_MONITORS.pop(self._hook_key, None)  # type: ignore[arg-type]
         unwatch = getattr(self, "_unwatch_scaler", None)
