@@ -68,10 +68,21 @@ _FROM_KERNEL = torch.tensor([Col.SUM_SQ, Col.SUM, Col.ZERO_COUNT, Col.NAN_COUNT,
 ToHost = Callable[[torch.Tensor, list[Any]], torch.Tensor]
 
 
+def dense_view(x: torch.Tensor) -> torch.Tensor:
+    """x with its dims permuted so that it is contiguous, where that is possible (a
+    transposed attention output): the statistics do not depend on the order of the
+    entries, and a flat view then costs no copy. Decided on strides (metadata) only."""
+    if x.is_contiguous():
+        return x
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.size(d)))
+    permuted = x.permute(order)
+    return permuted if permuted.is_contiguous() else x
+
+
 def activation_row(x: torch.Tensor) -> torch.Tensor:
     """[5] float64 on x's device: sum of squares and sum of the finite entries, zeros,
     NaNs, Infs. Pure torch, no host sync, no branch on a value: dynamo can trace it."""
-    x = x.detach().reshape(-1)
+    x = dense_view(x.detach()).reshape(-1)
     if x.dtype != torch.float64:
         x = x.float()  # fp16/bf16: no fp16 sum of squares (300**2 overflows it)
     finite = torch.isfinite(x)
@@ -177,7 +188,7 @@ class ActivationTracker:
         try:
             if torch._C._current_graph_task_id() != -1:
                 return  # a forward re-run inside backward (checkpointing): counted already
-            x = x.detach()
+            x = dense_view(x.detach())
             if self._kernel and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
                 # Host memory: one pass of the C kernel over the data.
                 row = self._kernel([x])[0].index_select(0, _FROM_KERNEL)

@@ -135,6 +135,22 @@ def test_statistics_equal_float64_reference(dtype: torch.dtype, backend: str) ->
     assert snaps[1].activations["fc1"].nan_count == 0
 
 
+class Transposed(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1)  # not contiguous: measured through a permuted view
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_non_contiguous_outputs(backend: str) -> None:
+    model = nn.Sequential(nn.Linear(8, 6), Transposed(), nn.Linear(5, 3))
+
+    def check(snap: gradmon.Snapshot, seen: dict[str, list[torch.Tensor]]) -> None:
+        for name in ("0", "1", "2"):
+            assert_matches(snap.activations[name], seen[name])
+
+    run(model, [[torch.randn(5, 8)]], cfg(backend=backend), check)
+
+
 def test_dead_relu_has_zero_ratio_one() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
     with torch.no_grad():

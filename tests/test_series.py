@@ -167,3 +167,32 @@ def test_series_count_is_as_documented(
         assert len(capped) == 1 and "exporter.max_layers is 4" in capped[0]
     else:
         assert not capped
+
+
+ACTIVATION_FAMILIES = (
+    "gradmon_activation_rms",
+    "gradmon_activation_mean",
+    "gradmon_activation_zero_ratio",
+    "gradmon_activation_nonfinite",
+)
+
+
+@pytest.mark.parametrize(("max_layers", "exported"), [(512, 7), (4, 4)])
+def test_activation_series_count_is_as_documented(max_layers: int, exported: int) -> None:
+    """README "Series count": collect.activations adds 4 per exported module (the 7 leaf
+    modules: six Linear layers and the head), bounded by exporter.max_layers."""
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    registry = CollectorRegistry()
+    cfg = {"collect": {"activations": True}, "exporter": {"enabled": False, "max_layers": 512}}
+    cfg["exporter"]["max_layers"] = max_layers  # type: ignore[index]
+    with gradmon.attach(model, opt, config=cfg, registry=registry):
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+        counts = series(registry)
+    for name in ACTIVATION_FAMILIES:
+        assert counts[name] == exported, name
+    for name in PER_LAYER:  # the gradient families are unchanged
+        assert counts[name] == min(15, max_layers), name
+    others = sum(n for k, n in counts.items() if k not in PER_LAYER + ACTIVATION_FAMILIES)
+    assert 70 <= others <= 90
