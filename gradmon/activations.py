@@ -74,7 +74,8 @@ def dense_view(x: torch.Tensor) -> torch.Tensor:
     entries, and a flat view then costs no copy. Decided on strides (metadata) only."""
     if x.is_contiguous():
         return x
-    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.size(d)))
+    strides, sizes = x.stride(), x.size()
+    order = sorted(range(x.dim()), key=lambda d: (-strides[d], -sizes[d]))
     permuted = x.permute(order)
     return permuted if permuted.is_contiguous() else x
 
