@@ -261,10 +261,17 @@ def _observe_eagerly(tracker: ActivationTracker, index: int, x: torch.Tensor) ->
     tracker.observe(index, x)
 
 
-# An output on another device than the compiled table: run eagerly (a graph break).
-_observe_outside_graph: Callable[[ActivationTracker, int, torch.Tensor], None] = (
-    torch.compiler.disable(_observe_eagerly)  # type: ignore[no-untyped-call]
-)
+def _observe_outside_graph(tracker: ActivationTracker, index: int, x: torch.Tensor) -> None:
+    """An output on another device than the compiled table: run eagerly (a graph break).
+    Wrapped on first use: torch.compiler.disable imports dynamo (and triton), which
+    `import gradmon` must not."""
+    global _disabled_observe
+    if _disabled_observe is None:
+        _disabled_observe = torch.compiler.disable(_observe_eagerly)  # type: ignore[no-untyped-call]
+    _disabled_observe(tracker, index, x)
+
+
+_disabled_observe: Callable[[ActivationTracker, int, torch.Tensor], None] | None = None
 
 
 def _make_hook(

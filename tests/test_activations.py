@@ -449,3 +449,24 @@ def test_inductor_compiled_model_gives_eager_activations() -> None:
     snaps, eager, breaks, _ = compiled_run("inductor", every=1)
     assert_same_activations(snaps, eager)
     assert breaks == {}
+
+
+def test_compiled_output_on_another_device_than_the_table_runs_eagerly() -> None:
+    """A module moved after attach: its output is not on the table's device. Stood in for
+    by a table on the meta device; the compiled hook falls back to an eager call."""
+    from gradmon.activations import NCOLS, ActivationTracker
+    from gradmon.config import CollectConfig
+
+    torch._dynamo.reset()
+    model = Probe()
+    tracker = ActivationTracker(model, CollectConfig(activations=True), "(root)")
+    x = torch.randn(4, 8)
+    model(x)
+    want = tracker._home.clone()
+    meta = torch.zeros((len(MODULES), NCOLS), dtype=torch.float64, device="meta")
+    tracker._home, tracker._tables = meta, {meta.device: meta}
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(x)
+    compiled(x)
+    assert torch.allclose(tracker._tables[torch.device("cpu")], 2 * want)
+    tracker.remove()
