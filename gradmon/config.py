@@ -60,8 +60,25 @@ class CollectConfig(_Section):
         description="device memory per device for the copy of the old weights; layers past "
         "it are measured round-robin over successive samples",
     )
+    activations: bool = Field(
+        False,
+        description="also record each module's forward output (rms, mean, zero ratio, "
+        "NaN/Inf counts) in the forwards before a collected step; see gradmon/activations.py",
+    )
+    activations_include: str | None = Field(
+        None,
+        description="regex searched in module names (`encoder.layers.0.linear1`, `(root)` for "
+        "the model itself); null = every leaf module (one without children). When set, "
+        "containers match too, e.g. `layers\\.\\d+$` for whole blocks. Only modules whose "
+        "output is (or starts with) a floating-point tensor are ever recorded",
+    )
+    activations_exclude: str | None = Field(
+        None, description="regex on module names to leave out of the activation statistics"
+    )
 
-    _regex = field_validator("include", "exclude")(_check_regex)
+    _regex = field_validator("include", "exclude", "activations_include", "activations_exclude")(
+        _check_regex
+    )
 
 
 class TLSConfig(_Section):

@@ -89,6 +89,8 @@ class ExportState:
     global_norm_hist: Histogram | None = None
     duration_hist: Histogram | None = None
     per_layer: bool = True
+    activation_names: list[str] = field(default_factory=list)  # exported modules, capped
+    activation_nonfinite_total: dict[str, int] = field(default_factory=dict)
 
 
 class GradmonCollector(Collector):
@@ -311,6 +313,46 @@ def _layer_families(
     )
     for name in st.layer_names:
         c.add_metric([name, *rank_values], st.layer_nonfinite_total.get(name, 0))
+    yield c
+    # Part of the per-snapshot bulk that GradmonCollector.exposition() caches.
+    if st.activation_names:
+        yield from _activation_families(st, snap, rank_names, rank_values)
+
+
+_ACTIVATION_GAUGES: tuple[tuple[str, str, str], ...] = (
+    (
+        "gradmon_activation_rms",
+        "rms",
+        "RMS of the module's forward output (finite entries), over the forwards before the "
+        "latest collected step.",
+    ),
+    ("gradmon_activation_mean", "mean", "Mean of the module's forward output (finite entries)."),
+    (
+        "gradmon_activation_zero_ratio",
+        "zero_ratio",
+        "Fraction of exactly-zero entries of the module's forward output (dead ReLUs).",
+    ),
+)
+
+
+def _activation_families(
+    st: ExportState, snap: Snapshot, rank_names: list[str], rank_values: list[str]
+) -> Iterator[Metric]:
+    """collect.activations: one series per exported module that ran before the snapshot."""
+    labels = ["layer", *rank_names]
+    modules = [(n, snap.activations[n]) for n in st.activation_names if n in snap.activations]
+    for metric, attr, doc in _ACTIVATION_GAUGES:
+        g = GaugeMetricFamily(metric, doc, labels=labels)
+        for name, stats in modules:
+            g.add_metric([name, *rank_values], getattr(stats, attr))
+        yield g
+    c = CounterMetricFamily(
+        "gradmon_activation_nonfinite",
+        "Collected steps where this module's forward output had NaN/Inf entries.",
+        labels=labels,
+    )
+    for name in st.activation_names:
+        c.add_metric([name, *rank_values], st.activation_nonfinite_total.get(name, 0))
     yield c
 
 

@@ -36,7 +36,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradmon import distributed, lifecycle
+from gradmon.activations import ActivationTracker
 from gradmon.config import Config, load_config
 from gradmon.errors import GradmonError
 from gradmon.exporter import (
@@ -95,6 +96,8 @@ class _Pending:
     # collect.update_ratio_every: a sampled step waits for its step post-hook's rows.
     held: bool = False
     update: list[tuple[Staged, list[int]]] | None = None
+    # collect.activations: the window's [modules, 6] tables, on their way to the host
+    activations: list[Staged] = field(default_factory=list)
 
 
 def _layer_name(param_name: str, granularity: str, depth: int = 1) -> str:
@@ -389,9 +392,24 @@ class Monitor:
         self._step_seen_since_update = False
         self._unwatch_scaler: Callable[[], None] | None = None
         self._hook_key: int | None = None
+        self._activations: ActivationTracker | None = None
+        self._activation_nonfinite: dict[str, int] = {}
+        self._exported_activations: list[str] = []
 
         try:
             self._install_hooks(named, optimizer, scaler)
+            if cfg.collect.activations:
+                self._activations = ActivationTracker(_unwrap(model), cfg.collect, ROOT_MODULE)
+                self._exported_activations = self._activations.names[: cfg.exporter.max_layers]
+                if len(self._activations.names) > cfg.exporter.max_layers:
+                    log.warning(
+                        "gradmon: %d modules with activation statistics but "
+                        "exporter.max_layers is %d: gradmon_activation_* series are exported "
+                        "for the first %d only; narrow collect.activations_include/exclude",
+                        len(self._activations.names),
+                        cfg.exporter.max_layers,
+                        cfg.exporter.max_layers,
+                    )
             self._registry = registry if registry is not None else self._default_registry()
             self._collector = GradmonCollector(self._export_state, self._export_error_fn())
             self._registry.register(self._collector)
@@ -607,7 +625,7 @@ class Monitor:
                 return
             self._step_seen_since_update = True
             step = self._steps
-            self._steps += 1
+            self._advance()
             if optimizer is None and self._optimizer_ref is not None:
                 optimizer = self._optimizer_ref()
             # Set by GradScaler.step() on fused optimizers only, for the step's duration.
@@ -637,6 +655,12 @@ class Monitor:
             with self._guard("publish"):
                 self._publish_ready(wait=False)
 
+    def _advance(self) -> None:
+        """Count a step; arm the activation hooks when the next step is a collected one."""
+        self._steps += 1
+        if self._activations is not None:
+            self._activations.armed = self._steps % self.config.collect.every_n_steps == 0
+
     def _count_fused_skip(self, found_inf: Any) -> torch.Tensor | None:
         """A fused optimizer skips a step with inf/NaN inside its kernel: add the step's
         found_inf (0/1) to a device counter. Returns the step's flag, still on the device."""
@@ -663,7 +687,7 @@ class Monitor:
             # GradScaler found inf/NaN and skipped optimizer.step(): our step hook never
             # ran, so count the step here and look at the (unscaled, non-finite) grads.
             step = self._steps
-            self._steps += 1
+            self._advance()
             self._skipped_steps += 1
             if step % self.config.collect.every_n_steps == 0:
                 self._collect(step, skipped=True)
@@ -682,7 +706,7 @@ class Monitor:
             if step is None:
                 step = self._steps
             if self._optimizer_ref is None or skipped:
-                self._steps += 1
+                self._advance()
             if skipped:
                 self._skipped_steps += 1
             self._collect(step, skipped=skipped)
@@ -770,9 +794,11 @@ class Monitor:
             for sink in self._sinks:
                 with self._guard("sink"):
                     sink.on_collect(step, by_layer)
+        acts = self._activations.take(self._to_host) if self._activations else []
         for i in range(len(self._received)):
             self._received[i] = False
         entry = _Pending(step, skipped, started, parts, fresh, staged, amp, frozenset(failed))
+        entry.activations = acts
         if measure and self._update is not None:
             with self._guard("hook"):
                 # After the gradients: the old weights, copied for the step post-hook.
@@ -837,7 +863,7 @@ class Monitor:
                 entry = self._pending[0]
                 if entry.held:
                     return  # its optimizer step is still running (the post-hook comes)
-                copies = entry.staged + [copy for copy, _ in entry.update or []]
+                copies = entry.staged + entry.activations + [copy for copy, _ in entry.update or []]
                 if wait:
                     for copy in copies:
                         if copy.event is not None:
@@ -860,9 +886,19 @@ class Monitor:
         if entry.update and self._update is not None:
             with self._guard("publish"):
                 self._update.finish([(copy.host, layers) for copy, layers in entry.update])
+        # Read before the buffers go back to the pool (another thread may stage into them).
+        activation_tables = [copy.host.clone() for copy in entry.activations]
         for copy in copies:  # every row is read: the buffers may be reused
             self._staging.release(copy)
-        self._publish(entry.step, skipped, entry.started, table, entry.fresh, entry.failed)
+        self._publish(
+            entry.step,
+            skipped,
+            entry.started,
+            table,
+            entry.fresh,
+            entry.failed,
+            activation_tables,
+        )
 
     def _publish(
         self,
@@ -872,6 +908,7 @@ class Monitor:
         table: torch.Tensor,
         fresh: list[bool],
         failed: frozenset[int] = frozenset(),
+        activation_tables: list[torch.Tensor] | None = None,
     ) -> None:
         with self._guard("publish"):
             rows = table.tolist()  # sync-ok: a host tensor by now
@@ -902,6 +939,9 @@ class Monitor:
             }
             anomalies = self._health.evaluate(step, judged, norm)
             nonfinite = any(s.nan_count or s.inf_count for s in layers.values())
+            acts = {}
+            if self._activations is not None and activation_tables:
+                acts = self._activations.finalize(activation_tables)
             snap = Snapshot(
                 step=step,
                 global_norm=norm,
@@ -910,6 +950,7 @@ class Monitor:
                 anomalies=anomalies,
                 timestamp=time.time(),
                 skipped=skipped,
+                activations=acts,
             )
             with self._lock:
                 self._snapshot = snap
@@ -918,6 +959,10 @@ class Monitor:
                 for name, s in layers.items():
                     if s.nan_count or s.inf_count:
                         self._layer_nonfinite[name] = self._layer_nonfinite.get(name, 0) + 1
+                for name, act in acts.items():
+                    if act.nan_count or act.inf_count:
+                        count = self._activation_nonfinite.get(name, 0) + 1
+                        self._activation_nonfinite[name] = count
                 for a in anomalies:
                     key = (a.layer, a.kind)
                     self._anomalies_total[key] = self._anomalies_total.get(key, 0) + 1
@@ -1048,6 +1093,9 @@ class Monitor:
         rank = self._rank_now()
         with self._lock:
             scalars = dict(self._scalars)
+            errors = dict(self._errors)
+            if self._activations is not None:
+                errors["hook"] = errors.get("hook", 0) + self._activations.errors
             state = ExportState(
                 version=__version__,
                 run_id=self.run_id,
@@ -1060,10 +1108,12 @@ class Monitor:
                 layer_names=self._exported_layers,
                 anomalies_total=dict(self._anomalies_total),
                 layer_nonfinite_total=dict(self._layer_nonfinite),
-                errors_total=dict(self._errors),
+                errors_total=errors,
                 global_norm_hist=self._norm_hist.copy(),
                 duration_hist=self._duration_hist.copy(),
                 per_layer=self._exports_layers(rank),
+                activation_names=self._exported_activations,
+                activation_nonfinite_total=dict(self._activation_nonfinite),
             )
         # Tensor scalars and the loss scale are read here, on the scrape thread: on CUDA
         # that read waits for the GPU on this thread only (item() releases the GIL), never
@@ -1111,6 +1161,9 @@ class Monitor:
         unwatch = getattr(self, "_unwatch_scaler", None)
         if unwatch is not None:
             unwatch()
+        activations = getattr(self, "_activations", None)
+        if activations is not None:
+            activations.remove()
 
     def _after_fork_in_child(self) -> None:
         """In a forked child (a DataLoader worker): inert and holding no port.

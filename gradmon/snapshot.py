@@ -38,6 +38,22 @@ class LayerStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ActivationStats:
+    """One module's forward output over the forwards before one collected step (opt-in:
+    `collect.activations`; see gradmon/activations.py). Several forwards (micro-batches of
+    gradient accumulation, a module called twice) add up. Magnitudes are over finite
+    entries only; NaN/Inf entries are counted, never dropped silently."""
+
+    numel: int  # entries seen, over every forward of the window
+    rms: float  # sqrt(sum of squares / finite entries)
+    mean: float  # over finite entries
+    zero_ratio: float  # exact zeros / numel (dead ReLUs show up here)
+    nan_count: int
+    inf_count: int
+    sum_squares: float = 0.0  # additive partial
+
+
+@dataclass(frozen=True, slots=True)
 class Anomaly:
     layer: str
     kind: AnomalyKind
@@ -66,6 +82,8 @@ class Snapshot:
     anomalies: list[Anomaly] = field(default_factory=list)
     timestamp: float = 0.0  # wall time of the collection
     skipped: bool = False  # the optimizer step was skipped (GradScaler found inf/NaN)
+    # Module name -> its forward output statistics (collect.activations); empty when off.
+    activations: dict[str, ActivationStats] = field(default_factory=dict)
 
 
 def combine_rows(rows: Sequence[Sequence[float]]) -> list[float]:

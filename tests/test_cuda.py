@@ -267,3 +267,31 @@ def test_update_ratio_makes_no_sync_and_staging_buffers_are_reused(tb: ModuleTyp
     for n in measured:
         want = float((after[n] - before[n]).norm() / after[n].norm())
         assert snap.layers[n].update_ratio == pytest.approx(want, rel=1e-4), n
+
+
+def test_activation_statistics_make_no_sync() -> None:
+    """collect.activations: the forward hooks (plain torch ops into a device table) and the
+    collection add no host sync to a training step."""
+    import gradmon
+
+    torch.manual_seed(0)
+    model = GPT().to(CUDA)
+    tokens = torch.randint(0, 512, (4, 64), device=CUDA)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    config = {"exporter": {"enabled": False}, "collect": {"activations": True}}
+    mon = gradmon.attach(model, opt, config=config)
+    try:
+        _train(model, opt, tokens, 1)
+        try:
+            with sync_debug("error"):
+                _train(model, opt, tokens, 3)
+        except RuntimeError as exc:
+            pytest.skip(f"this torch's training step syncs by itself: {exc}")
+        errors = mon._export_state().errors_total
+        assert not any(errors.values()), errors
+        snap = mon.snapshot(wait=True)
+    finally:
+        mon.close()
+    assert snap is not None and snap.step == 3
+    assert snap.activations and all(a.numel > 0 for a in snap.activations.values())
+    assert all(a.nan_count == 0 and a.rms > 0 for a in snap.activations.values())

@@ -188,3 +188,32 @@ def test_update_ratio_series_are_per_exported_layer(max_layers: int, exported: i
         counts = series(registry)
     assert counts["gradmon_update_ratio"] == exported
     assert all(counts[name] == exported for name in PER_LAYER)
+
+
+ACTIVATION_FAMILIES = (
+    "gradmon_activation_rms",
+    "gradmon_activation_mean",
+    "gradmon_activation_zero_ratio",
+    "gradmon_activation_nonfinite",
+)
+
+
+@pytest.mark.parametrize(("max_layers", "exported"), [(512, 7), (4, 4)])
+def test_activation_series_count_is_as_documented(max_layers: int, exported: int) -> None:
+    """README "Series count": collect.activations adds 4 per exported module (the 7 leaf
+    modules: six Linear layers and the head), bounded by exporter.max_layers."""
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    registry = CollectorRegistry()
+    cfg = {"collect": {"activations": True}, "exporter": {"enabled": False, "max_layers": 512}}
+    cfg["exporter"]["max_layers"] = max_layers  # type: ignore[index]
+    with gradmon.attach(model, opt, config=cfg, registry=registry):
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+        counts = series(registry)
+    for name in ACTIVATION_FAMILIES:
+        assert counts[name] == exported, name
+    for name in PER_LAYER:  # the gradient families are unchanged
+        assert counts[name] == min(15, max_layers), name
+    others = sum(n for k, n in counts.items() if k not in PER_LAYER + ACTIVATION_FAMILIES)
+    assert 70 <= others <= 90

@@ -41,7 +41,7 @@ def build_sinks(config: Any) -> list[Sink]:
         if config.tensorboard.logdir is not None:
             from gradmon.sinks.tensorboard import TensorBoardSink
 
-            sinks.append(TensorBoardSink(config.tensorboard))
+            sinks.append(TensorBoardSink(config.tensorboard, config.collect.activations))
     except BaseException:
         for sink in sinks:
             sink.close()

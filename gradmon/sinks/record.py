@@ -10,7 +10,9 @@ in the same file) or written to a fresh file (`overwrite`):
                                "mean": -1.2e-05, "min": -0.044, "max": 0.039,
                                "zero_ratio": 0.0, "nan_count": 0, "inf_count": 0,
                                "param_norm": 9.7, "numel": 4096, "received": true}, ...},
-     "anomalies": [{"layer": "fc1.weight", "kind": "vanishing", "value": 3e-09}]}
+     "anomalies": [{"layer": "fc1.weight", "kind": "vanishing", "value": 3e-09}],
+     "activations": {"fc1": {"rms": 0.93, "mean": 0.02, "zero_ratio": 0.0,
+                             "nan_count": 0, "inf_count": 0, "numel": 65536}, ...}}
 
 - `time`: Unix seconds of the collection; `scalars`: the latest values given to
   `Monitor.log()` when the snapshot was published (tensors read on the writer thread).
@@ -19,6 +21,10 @@ in the same file) or written to a fresh file (`overwrite`):
   the layer since the previous collection; `update_ratio` (‖Δw‖/‖w‖, see
   gradmon/update_ratio.py) is present only under `collect.update_ratio_every`, once the
   layer was measured.
+- `activations` (only with `collect.activations: true`, and only at steps where some
+  module ran): gradmon.ActivationStats of each module's forward output over the forwards
+  before the step (`numel` adds up over them). Lines without it (older records, or
+  activations off) simply have no activation statistics; readers use `.get`.
 - Non-finite numbers (NaN, +-Inf) are written as JSON `null`; for layers, `nan_count`
   and `inf_count` say which. `min`/`max` are null when a layer has no finite entry.
 - Lines are in publication order; a resumed run may repeat steps (readers keep the last).
@@ -46,7 +52,7 @@ import torch
 from gradmon.config import RecordConfig
 from gradmon.errors import GradmonError
 from gradmon.sinks._common import BackgroundWriter, expand_path, finite_or_none, to_float
-from gradmon.snapshot import LayerStats, Snapshot
+from gradmon.snapshot import ActivationStats, LayerStats, Snapshot
 
 __all__ = ["RecordSink", "read_record", "snapshot_record"]
 
@@ -72,9 +78,21 @@ def _layer_record(s: LayerStats) -> dict[str, Any]:
     return out
 
 
+def _activation_record(a: ActivationStats) -> dict[str, Any]:
+    f = finite_or_none
+    return {
+        "rms": f(a.rms),
+        "mean": f(a.mean),
+        "zero_ratio": f(a.zero_ratio),
+        "nan_count": a.nan_count,
+        "inf_count": a.inf_count,
+        "numel": a.numel,
+    }
+
+
 def snapshot_record(snapshot: Snapshot, scalars: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON object of one record line (tensor scalars are read here: may sync)."""
-    return {
+    record = {
         "step": snapshot.step,
         "time": snapshot.timestamp,
         "global_norm": finite_or_none(snapshot.global_norm),
@@ -87,6 +105,9 @@ def snapshot_record(snapshot: Snapshot, scalars: Mapping[str, Any]) -> dict[str,
             for a in snapshot.anomalies
         ],
     }
+    if snapshot.activations:
+        record["activations"] = {n: _activation_record(a) for n, a in snapshot.activations.items()}
+    return record
 
 
 class RecordSink:

@@ -7,6 +7,9 @@ Every collected step writes, at the snapshot's step:
   `grad_mean/<layer>`, `grad_zero_ratio/<layer>`, `grad_nonfinite/<layer>` (NaN + Inf
   entries), `param_norm/<layer>`, and `update_ratio/<layer>` where measured
   (collect.update_ratio_every);
+- with `collect.activations`, per module that ran before the step:
+  `activation_rms/<layer>`, `activation_mean/<layer>`, `activation_zero_ratio/<layer>`,
+  `activation_nonfinite/<layer>` (NaN + Inf entries of the module's output);
 - `global/grad_norm`, `global/nonfinite` (0/1), `global/skipped` (0/1);
 - `anomalies/<kind>`: anomalies of each kind at this step (0 when none), and a text
   `anomalies` table (layer, kind, value) at the steps that had any;
@@ -68,6 +71,12 @@ LAYER_TAGS: tuple[tuple[str, str], ...] = (
     ("grad_mean", "mean"),
     ("grad_zero_ratio", "zero_ratio"),
     ("param_norm", "param_norm"),
+)
+# The same for ActivationStats (collect.activations), after the gradient sections.
+ACTIVATION_TAGS: tuple[tuple[str, str], ...] = (
+    ("activation_rms", "rms"),
+    ("activation_mean", "mean"),
+    ("activation_zero_ratio", "zero_ratio"),
 )
 
 
@@ -246,7 +255,7 @@ class _Item:
 class TensorBoardSink:
     """Writes snapshots as TensorBoard scalars, text and histograms (see module doc)."""
 
-    def __init__(self, config: TensorboardConfig) -> None:
+    def __init__(self, config: TensorboardConfig, activations: bool = False) -> None:
         assert config.logdir is not None
         self.logdir = expand_path(config.logdir, "tensorboard.logdir")
         self._config = config
@@ -262,14 +271,11 @@ class TensorBoardSink:
         # on_publish may run on a thread calling Monitor.snapshot() while the training
         # thread is in on_collect.
         self._lock = threading.Lock()
+        tags = [t for t, _ in LAYER_TAGS] + ["grad_nonfinite", "update_ratio", "anomalies"]
+        if activations:
+            tags += [t for t, _ in ACTIVATION_TAGS] + ["activation_nonfinite"]
         self._writer.add_custom_scalars(
-            {
-                "gradmon (all layers)": {
-                    tag: ["Multiline", [rf"^{tag}/"]]
-                    for tag in [t for t, _ in LAYER_TAGS]
-                    + ["grad_nonfinite", "update_ratio", "anomalies"]
-                }
-            }
+            {"gradmon (all layers)": {tag: ["Multiline", [rf"^{tag}/"]] for tag in tags}}
         )
         self._thread: BackgroundWriter[_Item] = BackgroundWriter(
             "tensorboard", self._write, lambda: None, config.max_queue
@@ -356,6 +362,9 @@ class TensorBoardSink:
             values.append((f"grad_nonfinite/{name}", float(s.nan_count + s.inf_count)))
             if s.update_ratio is not None:
                 values.append((f"update_ratio/{name}", s.update_ratio))
+        for name, act in snap.activations.items():
+            values.extend((f"{t}/{name}", float(getattr(act, attr))) for t, attr in ACTIVATION_TAGS)
+            values.append((f"activation_nonfinite/{name}", float(act.nan_count + act.inf_count)))
         kinds = dict.fromkeys(ANOMALY_KINDS, 0)
         for a in snap.anomalies:
             kinds[a.kind] = kinds.get(a.kind, 0) + 1
