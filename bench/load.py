@@ -2,11 +2,15 @@
 
 `python bench/load.py [--layers 1000] [--scrapers 6] [--rounds 5] [--steps 20] [--json]`
 
-Three arms, interleaved round by round so machine noise hits all alike (medians):
+Four arms, interleaved round by round so machine noise hits all alike (medians):
 - baseline: an identical model without the agent;
 - agent: the model with the agent (every step, every layer exported), not scraped;
-- scraped: the same while `--scrapers` processes GET /metrics over HTTP as fast as
-  they can (separate processes: their own parsing does not take this process's GIL).
+- contended: the baseline model while the same scrapers hammer a static copy of the
+  exposition served by another process: what the scraper processes alone cost the
+  training on this machine (on 2 cores, 6 busy scrapers take most of the CPU);
+- scraped: the agent's model while `--scrapers` processes GET its /metrics over HTTP as
+  fast as they can (separate processes: their own work does not take this process's GIL).
+scraped/contended is then the cost of serving the scrapes inside the training process.
 Reports the training step time of each arm and the ratios, the scrape latencies
 (p50/p99/max), failed scrapes, the exposition's size and the time to render it.
 """
@@ -16,11 +20,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,6 +110,39 @@ class Scrapers:
         return out
 
 
+class StaticServer:
+    """The same bytes served by a separate process (python -m http.server)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="gradmon-load-")
+        Path(self._dir.name, "metrics").write_bytes(body)
+        with socket.socket() as s:  # a free port (the server binds it right after)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+            cwd=self._dir.name,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as resp:
+                    resp.read()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=30)
+        self._dir.cleanup()
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -120,7 +161,7 @@ def run_load(
         "collect": {"granularity": "module", "every_n_steps": 1},
     }
     x = torch.randn(8, 16)
-    times: dict[str, list[float]] = {"baseline": [], "agent": [], "scraped": []}
+    times: dict[str, list[float]] = {"baseline": [], "agent": [], "contended": [], "scraped": []}
     results: list[dict[str, Any]] = []
     with gradmon.attach(model, opt, config=config) as mon:
         for _ in range(3):  # warm-up: first collection, backend selection
@@ -132,6 +173,8 @@ def run_load(
             body = generate_latest(mon.registry)
             render.append(time.perf_counter() - t)
         pool = Scrapers(scrapers, f"http://127.0.0.1:{mon.port}/metrics")
+        static = StaticServer(body)
+        control = Scrapers(scrapers, static.url)
 
         def timed(arm: str, fn: Callable[[], None]) -> None:
             for _ in range(steps):
@@ -139,12 +182,18 @@ def run_load(
                 fn()
                 times[arm].append(time.perf_counter() - t)
 
-        for _ in range(rounds):
-            timed("baseline", lambda: _step(base, base_opt, x))
-            timed("agent", lambda: _step(model, opt, x))
-            pool.go()
-            timed("scraped", lambda: _step(model, opt, x))
-            results += pool.stop()
+        try:
+            for _ in range(rounds):
+                timed("baseline", lambda: _step(base, base_opt, x))
+                timed("agent", lambda: _step(model, opt, x))
+                control.go()
+                timed("contended", lambda: _step(base, base_opt, x))
+                control.stop()
+                pool.go()
+                timed("scraped", lambda: _step(model, opt, x))
+                results += pool.stop()
+        finally:
+            static.close()
         errors = sum(int(v) for v in mon._export_state().errors_total.values())
     latencies = [v for r in results for v in r["lat"]]
     med = {arm: statistics.median(v) for arm, v in times.items()}
@@ -158,6 +207,8 @@ def run_load(
         "agent_over_baseline": med["agent"] / med["baseline"],
         "scraped_over_baseline": med["scraped"] / med["baseline"],
         "scraped_over_agent": med["scraped"] / med["agent"],
+        "contended_over_baseline": med["contended"] / med["baseline"],
+        "scraped_over_contended": med["scraped"] / med["contended"],
         "scrapes": len(latencies),
         "failed_scrapes": sum(r["fail"] for r in results),
         "scrape_ms": {
@@ -188,9 +239,11 @@ def main() -> int:
             f"{r['layers']} layers, {r['scrapers']} scrapers, {r['rounds']} rounds x "
             f"{r['steps_per_round']} steps per arm, {r['torch_threads']} torch threads\n"
             f"step ms (median): baseline {s['baseline']:.2f}  agent {s['agent']:.2f}  "
-            f"scraped {s['scraped']:.2f}\n"
+            f"contended {s['contended']:.2f}  scraped {s['scraped']:.2f}\n"
             f"ratios: agent/baseline {r['agent_over_baseline']:.2f}  scraped/baseline "
-            f"{r['scraped_over_baseline']:.2f}  scraped/agent {r['scraped_over_agent']:.2f}\n"
+            f"{r['scraped_over_baseline']:.2f}  contended/baseline "
+            f"{r['contended_over_baseline']:.2f}  scraped/contended "
+            f"{r['scraped_over_contended']:.2f}  scraped/agent {r['scraped_over_agent']:.2f}\n"
             f"scrapes {r['scrapes']}, failed {r['failed_scrapes']}; latency ms p50 "
             f"{ms['p50']:.1f} p99 {ms['p99']:.1f} max {ms['max']:.1f}\n"
             f"exposition {r['exposition_bytes']} bytes, rendered in "

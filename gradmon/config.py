@@ -105,6 +105,12 @@ class ExporterConfig(_Section):
         "all, or auto (all when gradients are sharded, e.g. FSDP; else first)",
     )
     max_layers: int = Field(512, ge=1)
+    max_scrapes_per_second: float = Field(
+        10.0,
+        ge=0,
+        description="scrapes answered per second at most, one at a time; the surplus waits "
+        "(without the GIL) so that scrapers hammering /metrics cannot slow training; 0 = no limit",
+    )
     tls: TLSConfig = Field(default_factory=TLSConfig)
     basic_auth: BasicAuthConfig = Field(default_factory=BasicAuthConfig)
 

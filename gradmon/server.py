@@ -16,6 +16,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -112,12 +113,39 @@ def cached_app(full: WSGIApp, render: Callable[[str], tuple[bytes, str]]) -> WSG
         body, content_type = render(environ.get("HTTP_ACCEPT", ""))
         headers = [("Content-Type", content_type)]
         if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
-            body = gzip.compress(body)
+            body = gzip.compress(body, compresslevel=1)  # 9x faster than 9 here, 12% larger
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
         return [body]
 
     return app
+
+
+def throttled(app: WSGIApp, max_per_second: float) -> WSGIApp:
+    """At most `max_per_second` requests handled per second, one at a time.
+
+    The agent lives in the training process: every scrape's Python work (parsing the
+    request, rendering the live families) takes the GIL from the training thread. Scrapers
+    hammering /metrics would otherwise starve training (measured: 13x slower steps with 6
+    busy scrapers, bench/load.py); here the surplus waits on a lock or in sleep(), which
+    holds no GIL, and only sees a slower answer. Sending the body happens after the lock.
+    """
+    if max_per_second <= 0:
+        return app
+    interval = 1.0 / max_per_second
+    lock = threading.Lock()
+    next_at = 0.0
+
+    def limited(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        nonlocal next_at
+        with lock:
+            wait = next_at - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            next_at = time.monotonic() + interval
+            return list(app(environ, start_response))
+
+    return limited
 
 
 def _tls_context(config: ExporterConfig) -> ssl.SSLContext | None:
@@ -167,6 +195,7 @@ class MetricsServer:
             )
         if auth.username and auth.password_file:
             app = basic_auth(app, auth.username, _read_password(auth.password_file))
+        app = throttled(app, config.max_scrapes_per_second)  # outermost: 401s count too
         context = _tls_context(config)
 
         class Server(_ThreadingServer):

@@ -172,3 +172,38 @@ def test_silent_client_does_not_block_tls_scrapes(pki: Path, registry: Collector
             assert get(f"https://127.0.0.1:{server.port}/metrics", context=context) == 200
     finally:
         server.close()
+
+
+def test_scrapes_beyond_the_rate_limit_wait_and_still_succeed(registry: CollectorRegistry) -> None:
+    """exporter.max_scrapes_per_second: a client hammering /metrics is slowed down (the
+    surplus waits without the GIL), never refused; 0 lifts the limit."""
+    import threading
+    import time
+
+    limited = MetricsServer(ExporterConfig(port=0, max_scrapes_per_second=20), 0, registry)
+    try:
+        url = f"http://127.0.0.1:{limited.port}/metrics"
+        codes: list[int] = []
+        started = time.monotonic()
+        threads = [
+            threading.Thread(target=lambda: codes.extend(get(url) for _ in range(3)))
+            for _ in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        limited.close()
+    assert codes == [200] * 12
+    # 12 answers at 20 per second: at least 11 intervals of 50 ms (a lower bound: the
+    # limiter sleeps; no upper bound is asserted on a shared machine).
+    assert elapsed >= 11 * 0.05 * 0.95
+    with pytest.raises(ValueError):
+        ExporterConfig(max_scrapes_per_second=-1)
+    free = MetricsServer(ExporterConfig(port=0, max_scrapes_per_second=0), 0, registry)
+    try:
+        assert get(f"http://127.0.0.1:{free.port}/metrics") == 200
+    finally:
+        free.close()
