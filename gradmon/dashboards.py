@@ -6,11 +6,15 @@ with this module by tests/test_dashboards.py:
 - `gradmon-overview`: global gradient norm (gauge and per-step histogram), NaN/Inf and
   skipped steps, loss scale, anomalies by kind and layer, logged scalars, agent health;
 - `gradmon-layers`: log10 gradient norm as a layers x time heatmap, top/bottom layers,
-  zero ratio, NaN/Inf layers, parameter norm, update ratio.
+  zero ratio, NaN/Inf layers, parameter norm, update ratio; and a collapsed row of
+  activation statistics (`collect.activations`) by module.
 
 Every panel and query variable reads the `datasource` variable, so the dashboards work on
 any Prometheus data source. Selectors use `=~` throughout: `rank` only exists under
 several ranks, and `rank=~".*"` (the All value) also matches a series without the label.
+Activation series name a module in their `layer` label (`encoder.layers.0.linear1`), not a
+layer of the gradient families (`...linear1.weight` by default), so they are narrowed by a
+`module` variable of their own.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ DATASOURCE = dash_m.DataSourceRef(type_val="prometheus", uid="${datasource}")
 # Every series of one training job: target labels plus rank (absent under one rank).
 SEL = 'job=~"$job", instance=~"$instance", rank=~"$rank"'
 LAYER_SEL = SEL + ', layer=~"$layer"'
+MODULE_SEL = SEL + ', layer=~"$module"'  # activation families: `layer` holds a module name
 RATE = "$__rate_interval"  # at least 4 scrape intervals: never an empty rate() window
 SOURCE = "{{instance}} {{rank}}"  # legend of per-target series
 
@@ -145,7 +150,9 @@ def _stat(
     return _panel(p, title, description, [(expr, legend)], unit=unit, w=4, h=4)
 
 
-def _variables() -> list[cog_b.Builder[dash_m.VariableModel]]:
+def _variables(*, modules: bool = False) -> list[cog_b.Builder[dash_m.VariableModel]]:
+    """The variables of every dashboard; `modules`: also `module`, for activation panels."""
+
     def query(
         name: str, label: str, expr: str, *, all_value: str | None, description: str
     ) -> dash_b.QueryVariable:
@@ -156,7 +163,7 @@ def _variables() -> list[cog_b.Builder[dash_m.VariableModel]]:
             v.all_value(all_value)
         return v
 
-    return [
+    variables: list[cog_b.Builder[dash_m.VariableModel]] = [
         dash_b.DatasourceVariable("datasource").label("Data source").type("prometheus"),
         # All = the values found (Grafana's default), so `up` stays on gradmon's jobs.
         query(
@@ -189,6 +196,18 @@ def _variables() -> list[cog_b.Builder[dash_m.VariableModel]]:
             description="Monitored layers (parameter or module names).",
         ),
     ]
+    if modules:
+        variables.append(
+            query(
+                "module",
+                "Module",
+                f"label_values(gradmon_activation_rms{{{SEL}}}, layer)",
+                all_value=".*",
+                description="Modules with activation statistics (collect.activations; "
+                "named as in named_modules()). Empty while that is off.",
+            )
+        )
+    return variables
 
 
 def _dashboard(
@@ -196,7 +215,11 @@ def _dashboard(
     title: str,
     description: str,
     rows: Sequence[tuple[str, Sequence[cog_b.Builder[dash_m.Panel]]]],
+    *,
+    collapsed: Sequence[tuple[str, Sequence[cog_b.Builder[dash_m.Panel]]]] = (),
+    modules: bool = False,
 ) -> dash_m.Dashboard:
+    """`collapsed`: rows after `rows`, closed: their queries run only once opened."""
     d = (
         dash_b.Dashboard(title)
         .uid(uid)
@@ -206,7 +229,7 @@ def _dashboard(
         .refresh("30s")
         .timezone("browser")
         .tooltip(dash_m.DashboardCursorSync.CROSSHAIR)
-        .variables(_variables())
+        .variables(_variables(modules=modules))
         .link(
             dash_b.DashboardLink("gradmon")
             .type(dash_m.DashboardLinkType.DASHBOARDS)
@@ -221,9 +244,20 @@ def _dashboard(
         d.with_row(dash_b.Row(row_title))  # the SDK lays panels out left to right, row by row
         for builder in panels:
             d.with_panel(builder)
+    for row_title, panels in collapsed:
+        row = dash_b.Row(row_title).collapsed(True)
+        for builder in panels:
+            row.with_panel(builder)  # a collapsed row holds its panels; the SDK places them
+        d.with_row(row)
     dashboard = d.build()
-    # The SDK leaves panel ids unset; Grafana wants them unique within a dashboard.
-    for panel_id, panel in enumerate(dashboard.panels or [], start=1):
+    # The SDK leaves panel ids unset; Grafana wants them unique within a dashboard,
+    # the panels inside collapsed rows included.
+    every_panel: list[dash_m.Panel | dash_m.RowPanel] = []
+    for panel in dashboard.panels or []:
+        every_panel.append(panel)
+        if isinstance(panel, dash_m.RowPanel):
+            every_panel.extend(panel.panels)
+    for panel_id, panel in enumerate(every_panel, start=1):
         panel.id_val = panel_id
     return dashboard
 
@@ -495,6 +529,11 @@ def layers() -> dash_m.Dashboard:
         # same gradient; pick one rank to see a single FSDP shard).
         return f"max by (layer) ({metric}{{{LAYER_SEL}}})"
 
+    def by_module(metric: str, agg: str = "max") -> str:
+        # One series per module. Ranks see different batches: pick one rank to see its own.
+        return f"{agg} by (layer) ({metric}{{{MODULE_SEL}}})"
+
+    opt_in = "Empty unless the agent runs with collect.activations: true."
     heat = _panel(
         heatmap_b.Panel(),
         "log10 grad norm, layers x time",
@@ -522,7 +561,8 @@ def layers() -> dash_m.Dashboard:
         "gradmon-layers",
         "gradmon / Layers",
         "Per-layer gradient statistics exported by gradmon: norm heatmap, extreme layers, "
-        "zero ratio, NaN/Inf layers, parameter norm and update ratio. Narrow with $layer.",
+        "zero ratio, NaN/Inf layers, parameter norm and update ratio; activation statistics "
+        "by module (collect.activations) in a collapsed row. Narrow with $layer and $module.",
         [
             ("Layers x time", [heat]),
             (
@@ -584,8 +624,8 @@ def layers() -> dash_m.Dashboard:
                     _series(
                         "Update ratio",
                         "||dw|| / ||w|| of the last sampled step per layer (log scale); "
-                        "around 1e-3 is typical for Adam. Opt-in in the agent: empty until "
-                        "it is enabled and exported.",
+                        "around 1e-3 is typical for Adam. Empty unless the agent runs with "
+                        "collect.update_ratio_every > 0.",
                         [(by_layer("gradmon_update_ratio"), "{{layer}}")],
                         log=10,
                     ),
@@ -613,6 +653,58 @@ def layers() -> dash_m.Dashboard:
                 ],
             ),
         ],
+        collapsed=[
+            (
+                "Activations (collect.activations)",
+                [
+                    _series(
+                        "Activation rms by module",
+                        "RMS of each selected module's forward output over the forwards "
+                        "before the latest collected step (log scale; the largest over the "
+                        "selected ranks). Activations that collapse or blow up often show here "
+                        f"before the gradients do. {opt_in}",
+                        [(by_module("gradmon_activation_rms"), "{{layer}}")],
+                        log=10,
+                    ),
+                    _series(
+                        "Top 10 modules by activation zero ratio",
+                        "Fraction of exactly-zero entries of the module's forward output (the "
+                        "largest over the selected ranks): near 100% after a ReLU means dead "
+                        f"units. {opt_in}",
+                        [
+                            (
+                                f"topk(10, {by_module('gradmon_activation_zero_ratio')})",
+                                "{{layer}}",
+                            )
+                        ],
+                        unit="percentunit",
+                        max_value=1,
+                    ),
+                    _series(
+                        "Activation mean by module",
+                        "Mean of the finite entries of each selected module's forward output "
+                        "(averaged over the selected ranks); a drift away from 0 after a "
+                        f"normalization layer is a warning sign. {opt_in}",
+                        [(by_module("gradmon_activation_mean", "avg"), "{{layer}}")],
+                    ),
+                    _series(
+                        "Modules with NaN/Inf activations",
+                        "Collected steps per rate window in which the module's forward output "
+                        "had NaN/Inf entries (only such modules): the first module in model "
+                        f"order is where they appear. {opt_in}",
+                        [
+                            (
+                                f"max by (layer) (increase(gradmon_activation_nonfinite_total"
+                                f"{{{MODULE_SEL}}}[{RATE}])) > 0",
+                                "{{layer}}",
+                            )
+                        ],
+                        bars=True,
+                    ),
+                ],
+            )
+        ],
+        modules=True,
     )
 
 

@@ -42,8 +42,10 @@ DEPLOY = REPO / "deploy"
 REGENERATE = "gradmon dashboards generate"
 UIDS = sorted(DASHBOARD_FILES)
 VARIABLES = ["datasource", "job", "instance", "rank", "layer"]
-# In DESIGN.md's metric contract but not exported yet (opt-in): its panel stays empty.
-NOT_EXPORTED_YET = {"gradmon_update_ratio"}
+# Per dashboard: `module` (activation statistics) only where activation panels are.
+DASHBOARD_VARIABLES = {"gradmon-overview": VARIABLES, "gradmon-layers": [*VARIABLES, "module"]}
+# The label each query variable lists: `module` lists the activation series' `layer`.
+VARIABLE_LABELS = {name: name for name in VARIABLES[1:]} | {"module": "layer"}
 
 
 def load(uid: str) -> dict[str, Any]:
@@ -317,7 +319,7 @@ def test_grafana_sdk_models_read_every_field(uid: str) -> None:
     data = load(uid)
     parsed = dash_m.Dashboard.from_json(data)
     back = json.loads(json.dumps(parsed, cls=JSONEncoder))
-    for p in back["panels"]:  # the parser adds an empty `custom` where there was none
+    for p in panels(back):  # the parser adds an empty `custom` where there was none
         if p.get("fieldConfig", {}).get("defaults", {}).get("custom") == {}:
             del p["fieldConfig"]["defaults"]["custom"]
     assert back == data
@@ -331,19 +333,44 @@ def test_identity_and_variables(uid: str) -> None:
     assert dash["schemaVersion"] >= 39
     assert "gradmon" in dash["tags"]
     variables = {v["name"]: v for v in dash["templating"]["list"]}
-    assert list(variables) == VARIABLES
+    assert list(variables) == DASHBOARD_VARIABLES[uid]
     ds = variables["datasource"]
     assert (ds["type"], ds["query"]) == ("datasource", "prometheus")
-    for name in VARIABLES[1:]:
+    for name in DASHBOARD_VARIABLES[uid][1:]:
         v = variables[name]
         assert v["type"] == "query", name
         assert v["query"].startswith("label_values("), name
-        assert v["query"].endswith(f", {name})"), name
+        assert v["query"].endswith(f", {VARIABLE_LABELS[name]})"), name
         assert v["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
         assert v["includeAll"] and v["multi"], name
     # A single-rank run has no rank label: All must be a regex that matches its absence.
     assert variables["rank"]["allValue"] == ".*"
     assert variables["layer"]["allValue"] == ".*"
+    if "module" in variables:
+        assert variables["module"]["allValue"] == ".*"
+        assert variables["module"]["query"].startswith("label_values(gradmon_activation_rms{")
+
+
+@pytest.mark.parametrize(("uid", "where", "expr"), ALL_QUERIES)
+def test_activation_series_are_narrowed_by_module(uid: str, where: str, expr: str) -> None:
+    """Activation series name modules (`fc1`), gradient series layers (`fc1.weight` by
+    default): each family is filtered by its own variable."""
+    if not where.startswith("panel"):
+        return
+    for name, matchers in re.findall(r"(gradmon_[a-z_]+)\{([^}]*)\}", expr):
+        if name.startswith("gradmon_activation_"):
+            assert 'layer=~"$module"' in matchers, f"{where}: {name} without $module"
+        assert "$module" not in matchers or name.startswith("gradmon_activation_"), where
+
+
+def test_activation_panels_are_in_a_collapsed_row() -> None:
+    dash = load("gradmon-layers")
+    (row,) = [p for p in dash["panels"] if p["title"] == "Activations (collect.activations)"]
+    assert row["type"] == "row" and row["collapsed"]
+    exprs = [t["expr"] for p in row["panels"] for t in p["targets"]]
+    assert len(exprs) == 4 and all("gradmon_activation_" in e for e in exprs), exprs
+    for p in row["panels"]:
+        assert "collect.activations" in p["description"], p["title"]
 
 
 @pytest.mark.parametrize("uid", UIDS)
@@ -445,13 +472,18 @@ def test_metric_name_parser() -> None:
 
 @pytest.fixture(scope="module")
 def exposition() -> str:
-    """/metrics of a real agent after a few steps: scaler, scalar, anomalies included."""
+    """/metrics of a real agent after a few steps: scaler, scalar, anomalies, and the
+    opt-in update ratio and activation statistics included."""
     torch.manual_seed(0)
     net = SmallNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     registry = CollectorRegistry()
-    config = {"exporter": {"enabled": False}, "health": {"exploding_norm": 1e-9}}
+    config = {
+        "exporter": {"enabled": False},
+        "health": {"exploding_norm": 1e-9},
+        "collect": {"update_ratio_every": 1, "activations": True},
+    }
     with gradmon.attach(net, opt, scaler=scaler, config=config, registry=registry) as mon:
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
@@ -478,7 +510,7 @@ def exported_names(text: str) -> set[str]:
 def test_queries_only_use_exported_or_recorded_metrics(exposition: str) -> None:
     known = exported_names(exposition) | {r["record"] for r in recording_rules()} | {"up"}
     used = {name: where for uid, where, expr in ALL_QUERIES for name in metric_names(expr)}
-    unknown = {n: where for n, where in used.items() if n not in known | NOT_EXPORTED_YET}
+    unknown = {n: where for n, where in used.items() if n not in known}
     assert not unknown, f"metrics neither exported by the agent nor recorded: {unknown}"
     # Every family of the contract that a dashboard should show is shown.
     shown = set(used)
@@ -499,6 +531,10 @@ def test_queries_only_use_exported_or_recorded_metrics(exposition: str) -> None:
         "gradmon_grad_zero_ratio",
         "gradmon_param_norm",
         "gradmon_update_ratio",
+        "gradmon_activation_rms",
+        "gradmon_activation_mean",
+        "gradmon_activation_zero_ratio",
+        "gradmon_activation_nonfinite_total",
         "up",
     ):
         assert name in shown, name
@@ -517,13 +553,15 @@ def tool(name: str) -> str:
 
 
 # One value per variable, as Grafana would send it: a misspelt label in a matcher then
-# selects nothing. Rank is All: a single-rank run has no rank label.
+# selects nothing. Rank is All: a single-rank run has no rank label. A layer is a
+# parameter (collect.granularity: parameter), a module has activation statistics.
 SUBSTITUTE = {
     "$__rate_interval": "1m",
     "$job": "gradmon",
     "$instance": "127.0.0.1:9400",
     "$rank": ".*",
     "$layer": "fc1.weight",
+    "$module": "fc1",
 }
 
 
@@ -561,7 +599,6 @@ def test_every_query_returns_data_in_prometheus(exposition: str, tmp_path: Path)
     checked = {
         f"DashboardQuery{i}": (uid, where, as_promql(expr))
         for i, (uid, where, expr) in enumerate(ALL_QUERIES)
-        if not metric_names(expr) & NOT_EXPORTED_YET
     }
     rules = {
         "groups": [
