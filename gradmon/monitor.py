@@ -251,6 +251,41 @@ def _compiled_step_hook(post: bool = False) -> Callable[[int], None]:
     return hook
 
 
+_OPTIMIZER_FILE = os.path.join("torch", "optim", "optimizer.py")
+
+
+def _inside_optimizer_step() -> bool:
+    """Whether any thread is inside Optimizer.step's hook-calling wrapper right now."""
+    for frame in sys._current_frames().values():
+        f: Any = frame
+        while f is not None:
+            code = f.f_code
+            if code.co_name == "wrapper" and code.co_filename.endswith(_OPTIMIZER_FILE):
+                return True
+            f = f.f_back
+    return False
+
+
+def _remove_at_next_backward(
+    param_refs: list[weakref.ref[nn.Parameter]], handles: list[RemovableHandle]
+) -> None:
+    """Remove `handles` from the first gradient accumulated after this (a backward runs
+    outside any optimizer step), then remove that one-shot hook itself."""
+    params = (ref() for ref in param_refs)
+    param = next((p for p in params if p is not None and p.requires_grad), None)
+    if param is None:
+        return  # no backward will come: they stay, inert, as long as the optimizer lives
+    own: list[RemovableHandle] = []
+
+    def remove(_param: torch.Tensor) -> None:
+        for handle in (*handles, *own):
+            handle.remove()
+        handles.clear()
+        own.clear()
+
+    own.append(param.register_post_accumulate_grad_hook(remove))  # type: ignore[no-untyped-call]
+
+
 class Monitor:
     """Per-layer gradient statistics of one model, served as Prometheus metrics.
 
@@ -291,6 +326,9 @@ class Monitor:
         self._hook_lock = threading.RLock()
         self._closed = False
         self._handles: list[RemovableHandle] = []
+        # The optimizer's step hooks: torch iterates their dict in Python, so they cannot be
+        # removed while any thread is inside an optimizer step (see _remove_hooks).
+        self._step_handles: list[RemovableHandle] = []
         # Parameters left out, by name, with the reason (see `Monitor.skipped`).
         self._skipped: dict[str, str] = {}
         self._skip_counted = 0  # skips that count in gradmon_agent_errors_total{collect}
@@ -580,7 +618,7 @@ class Monitor:
                 if mon is not None and not mon._closed:
                     mon._on_optimizer_step(opt)
 
-            self._handles.append(optimizer.register_step_pre_hook(on_step))
+            self._step_handles.append(optimizer.register_step_pre_hook(on_step))
 
             if self._update is not None:  # only then: no post-hook cost when it is off
                 compiled_post = _compiled_step_hook(post=True)
@@ -593,7 +631,7 @@ class Monitor:
                     if mon is not None:
                         mon._on_optimizer_step_post()
 
-                self._handles.append(optimizer.register_step_post_hook(on_step_post))
+                self._step_handles.append(optimizer.register_step_post_hook(on_step_post))
 
         if scaler is not None:
             self._unwatch_scaler = _watch_scaler(scaler, self)
@@ -1153,9 +1191,22 @@ class Monitor:
                 registry.unregister(collector)
 
     def _remove_hooks(self) -> None:
+        # Tensor and module hooks can go at any time (torch tolerates their removal while
+        # it runs them). The optimizer's step hooks cannot: Optimizer.step iterates their
+        # OrderedDict in Python, and removing one there (close() from another thread, or
+        # from a user's step hook that runs before ours) raises "OrderedDict mutated
+        # during iteration" in the training step. Then they stay (inert: the monitor is
+        # closed) and go at the next backward, when no step is running.
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        step_handles = getattr(self, "_step_handles", [])
+        if step_handles and _inside_optimizer_step():
+            _remove_at_next_backward(self._param_refs, list(step_handles))
+        else:
+            for handle in step_handles:
+                handle.remove()
+        step_handles.clear()
         if getattr(self, "_hook_key", None) is not None:
             _STEP_HOOK_MONITORS.pop(self._hook_key, None)  # type: ignore[arg-type]
         unwatch = getattr(self, "_unwatch_scaler", None)

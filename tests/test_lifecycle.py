@@ -290,3 +290,46 @@ def test_dataloader_fork_workers(net: SmallNet) -> None:
     assert port_is_free(port)  # the workers are alive (persistent) and hold no copy
     assert all(bool(b.all()) for b in batches)
     del batches, loader
+
+
+@pytest.mark.parametrize("user_hook_first", [True, False])
+def test_close_from_a_step_hook_running_beside_ours(net: SmallNet, user_hook_first: bool) -> None:
+    """A user's step pre-hook that closes the monitor while Optimizer.step iterates the
+    hooks (torch raises "OrderedDict mutated during iteration" if ours is removed there):
+    the step completes, ours is inert, and it is removed at the next backward."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    box: dict[str, Any] = {}
+    if user_hook_first:
+        opt.register_step_pre_hook(lambda *_: box["mon"].close())
+    box["mon"] = mon = gradmon.attach(net, opt, config=SERVED)
+    if not user_hook_first:
+        opt.register_step_pre_hook(lambda *_: mon.close())
+    train_step(net, opt)  # the user's hook closes the monitor inside this step
+    assert mon.closed and port_is_free(mon.port or 0)
+    steps = mon._steps
+    train_step(net, opt)  # the backward removes the deferred hook; the step runs none
+    assert mon._steps == steps
+    assert len(opt._optimizer_step_pre_hooks) == 1  # the user's own hook only
+    assert sum(len(p._post_accumulate_grad_hooks or {}) for p in net.parameters()) == 0
+
+
+def test_close_from_another_thread_while_the_step_iterates_hooks(net: SmallNet) -> None:
+    """Deterministic: the training thread is held inside Optimizer.step's hook loop (a
+    user hook before ours waits) while another thread closes the monitor."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    inside, closed = threading.Event(), threading.Event()
+
+    def hold(*_: Any) -> None:
+        if not closed.is_set():
+            inside.set()
+            closed.wait(timeout=30)
+
+    opt.register_step_pre_hook(hold)
+    mon = gradmon.attach(net, opt, config=SERVED)
+    closer = threading.Thread(target=lambda: (inside.wait(30), mon.close(), closed.set()))
+    closer.start()
+    train_step(net, opt)  # raised RuntimeError before the removal was deferred
+    closer.join(timeout=30)
+    assert mon.closed and not closer.is_alive()
+    train_step(net, opt)
+    assert len(opt._optimizer_step_pre_hooks) == 1  # only `hold` is left
