@@ -1,10 +1,11 @@
 """A long run with the agent attached: resident memory and live objects stay flat.
 
 `python bench/soak.py [--steps 20000] [--sample-every 1000] [--scrape-every 50]
-[--record] [--json]`
+[--record] [--all-features] [--json]`
 
 A small model trains with the agent collecting every step and its server scraped over
-HTTP every `--scrape-every` steps (optionally the JSONL record sink too). Every
+HTTP every `--scrape-every` steps (optionally the JSONL record sink too; `--all-features` adds the
+TensorBoard sink with histograms, activation statistics and the update ratio). Every
 `--sample-every` steps the resident set (/proc/self/statm) and len(gc.get_objects()) are
 sampled; after the first quarter (warm-up) a least-squares slope is fitted, and the run
 fails (exit 1) when the growth it projects over the measured span exceeds the bounds.
@@ -43,7 +44,11 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 
 def run_soak(
-    steps: int = 20_000, sample_every: int = 1000, scrape_every: int = 50, record: bool = False
+    steps: int = 20_000,
+    sample_every: int = 1000,
+    scrape_every: int = 50,
+    record: bool = False,
+    all_features: bool = False,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # a tiny model: more threads only spin on a shared machine
@@ -53,8 +58,11 @@ def run_soak(
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with tempfile.TemporaryDirectory() as tmp:
         config: dict[str, Any] = {"exporter": {"port": 0}, "collect": {"every_n_steps": 1}}
-        if record:
+        if record or all_features:
             config["record"] = {"path": str(Path(tmp) / "record.jsonl")}
+        if all_features:
+            config["tensorboard"] = {"logdir": str(Path(tmp) / "tb"), "histogram_every": 10}
+            config["collect"].update(activations=True, update_ratio_every=5)
         samples: list[tuple[int, float, int]] = []
         scrapes = failed = 0
         with gradmon.attach(model, opt, config=config) as mon:
@@ -102,9 +110,14 @@ def main() -> int:
     parser.add_argument("--sample-every", type=int, default=1000)
     parser.add_argument("--scrape-every", type=int, default=50)
     parser.add_argument("--record", action="store_true", help="the JSONL record sink too")
+    parser.add_argument(
+        "--all-features",
+        action="store_true",
+        help="record, TensorBoard (histograms every 10th), activations, update ratio (every 5th)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    r = run_soak(args.steps, args.sample_every, args.scrape_every, args.record)
+    r = run_soak(args.steps, args.sample_every, args.scrape_every, args.record, args.all_features)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
