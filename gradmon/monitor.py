@@ -70,7 +70,7 @@ from gradmon.snapshot import (
     no_grad_layer,
 )
 from gradmon.staging import Staged, StagingPool
-from gradmon.stats import NCOLS, Col, PartialsFn, param_sum_squares, select_backend
+from gradmon.stats import NCOLS, Col, PartialsFn, partials_and_param_sum_squares, select_backend
 from gradmon.update_ratio import UpdateRatio
 from gradmon.version import __version__
 
@@ -800,7 +800,9 @@ class Monitor:
                 if backend is None:
                     backend = select_backend(self.config.collect.backend, device, dtype)
                     self._backends[(device, dtype)] = backend
-                partials = backend([grads[i] for i in indices])
+                partials, param_sq = partials_and_param_sum_squares(
+                    backend, [grads[i] for i in indices], [weights[i] for i in indices]
+                )
                 # Sparse grads: their values leave out the (implicit) zero entries.
                 implicit = {
                     row: self._numels[i] - grads[i].numel()
@@ -813,7 +815,6 @@ class Monitor:
                     # A fused optimizer under a GradScaler sees scaled grads: unscale the
                     # statistics on the device.
                     partials = _unscale_partials(partials, grad_scale)
-                param_sq = param_sum_squares([weights[i] for i in indices])
                 block = torch.cat([partials, param_sq.unsqueeze(1).to(partials.device)], dim=1)
                 blocks.setdefault(block.device, []).append((block, indices))
                 failed.difference_update(indices)

@@ -317,3 +317,27 @@ def test_unavailable_kernel_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not cpu.available()
     with pytest.raises(RuntimeError, match="not available"):
         cpu.compute_partials([torch.randn(3)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_partials_and_param_norms_in_one_call_match_float64(dtype: torch.dtype) -> None:
+    """The C kernel reads the weights with the gradients (one call): the weights' squared
+    norms equal a float64 reference, the gradient partials are those of the gradients
+    alone, and a non-CPU-kernel backend takes the two separate paths."""
+    from gradmon.stats import generic, partials_and_param_sum_squares
+    from gradmon.stats import param_sum_squares as foreach_path
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(1,), (65537,), (7, 13), (0,), (300, 257)]
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    weights = [torch.randn(s, generator=gen).mul(50).to(dtype) for s in shapes]
+    partials, param_sq = partials_and_param_sum_squares(cpu.compute_partials, grads, weights)
+    want = [float(w.double().square().sum()) for w in weights]
+    assert param_sq.dtype == torch.float64 and param_sq.shape == (len(shapes),)
+    assert param_sq.tolist() == pytest.approx(want, rel=1e-12, abs=0)
+    assert torch.equal(partials, cpu.compute_partials(grads))
+    generic_partials, generic_sq = partials_and_param_sum_squares(
+        generic.compute_partials, grads, weights
+    )
+    assert torch.equal(generic_sq, foreach_path(weights))
+    assert generic_partials.shape == partials.shape
