@@ -226,7 +226,12 @@ class MetricsServer:
         self.port: int = httpd.server_port
         self.tls = context is not None
         self._thread = threading.Thread(
-            target=httpd.serve_forever, name="gradmon-metrics", daemon=True
+            # Polled every 0.1 s for shutdown (the default 0.5 s is close()'s latency);
+            # a wakeup costs a few microseconds.
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="gradmon-metrics",
+            daemon=True,
         )
         self._closed = threading.Event()
         self._thread.start()
