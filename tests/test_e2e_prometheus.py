@@ -80,6 +80,7 @@ RATE_INTERVAL = "30s"  # 1 s scrapes: a 30 s rate has data 2 s into a run
 GRAFANA_VALUES = {
     "rank": ".*",
     "layer": ".*",
+    "module": ".*",
     "datasource": "prometheus",
     "__rate_interval": RATE_INTERVAL,
     "__interval": "5s",
@@ -91,7 +92,6 @@ GRAFANA_VALUES = {
 # Panels that legitimately have no data in a short CPU run, by a metric their query reads.
 NO_DATA_OK = {
     "gradmon_loss_scale": "no GradScaler in the demo (CPU, fp32)",
-    "gradmon_update_ratio": "opt-in; the demo does not enable it",
     "GradmonLossScaleCollapse": "no GradScaler in the demo",
 }
 
@@ -200,6 +200,8 @@ def _paced_run(stack: LocalStack, scenario: str, steps: int) -> Run:
                 live=False,
                 step_delay=STEP_DELAY,
                 with_prometheus=stack,
+                # The opt-in families too, so that their dashboard panels are checked.
+                config={"collect": {"activations": True, "update_ratio_every": 1}},
             )
         except BaseException as exc:
             errors.append(exc)
