@@ -10,7 +10,7 @@ import bisect
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.core import (
@@ -285,38 +285,64 @@ _LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _gauges(
+    items: Sequence[tuple[str, object]],
+    gauges: tuple[tuple[str, str, str], ...],
+    labels: list[str],
+    rank_values: list[str],
+) -> Iterator[Metric]:
+    """One gauge family per (metric, attribute, help) over (name, statistics) items."""
+    for metric, attr, doc in gauges:
+        g = GaugeMetricFamily(metric, doc, labels=labels)
+        for name, stats in items:
+            g.add_metric([name, *rank_values], getattr(stats, attr))
+        yield g
+
+
+def _counter(
+    metric: str,
+    doc: str,
+    names: list[str],
+    counts: dict[str, int],
+    labels: list[str],
+    rank_values: list[str],
+) -> Metric:
+    c = CounterMetricFamily(metric, doc, labels=labels)
+    for name in names:
+        c.add_metric([name, *rank_values], counts.get(name, 0))
+    return c
+
+
 def _layer_families(
     st: ExportState, snap: Snapshot, rank_names: list[str], rank_values: list[str]
 ) -> Iterator[Metric]:
     labels = ["layer", *rank_names]
     layers = [(n, snap.layers[n]) for n in st.layer_names if n in snap.layers]
-    for metric, attr, doc in _LAYER_GAUGES:
-        g = GaugeMetricFamily(metric, doc, labels=labels)
-        for name, stats in layers:
-            g.add_metric([name, *rank_values], getattr(stats, attr))
-        yield g
+    yield from _gauges(layers, _LAYER_GAUGES, labels, rank_values)
     # Opt-in (collect.update_ratio_every): only layers measured so far have a value.
-    ratios = [(n, s.update_ratio) for n, s in layers if s.update_ratio is not None]
+    ratios = [(n, s) for n, s in layers if s.update_ratio is not None]
     if ratios:
-        g = GaugeMetricFamily(
-            "gradmon_update_ratio",
-            "||dw||/||w|| of the layer at the last sampled optimizer step that measured it.",
-            labels=labels,
-        )
-        for name, ratio in ratios:
-            g.add_metric([name, *rank_values], ratio)
-        yield g
-    c = CounterMetricFamily(
+        yield from _gauges(ratios, _UPDATE_RATIO, labels, rank_values)
+    yield _counter(
         "gradmon_layer_nonfinite_steps",
         "Collected steps where this layer's gradient had NaN/Inf entries.",
-        labels=labels,
+        st.layer_names,
+        st.layer_nonfinite_total,
+        labels,
+        rank_values,
     )
-    for name in st.layer_names:
-        c.add_metric([name, *rank_values], st.layer_nonfinite_total.get(name, 0))
-    yield c
     # Part of the per-snapshot bulk that GradmonCollector.exposition() caches.
     if st.activation_names:
         yield from _activation_families(st, snap, rank_names, rank_values)
+
+
+_UPDATE_RATIO = (
+    (
+        "gradmon_update_ratio",
+        "update_ratio",
+        "||dw||/||w|| of the layer at the last sampled optimizer step that measured it.",
+    ),
+)
 
 
 _ACTIVATION_GAUGES: tuple[tuple[str, str, str], ...] = (
@@ -341,19 +367,15 @@ def _activation_families(
     """collect.activations: one series per exported module that ran before the snapshot."""
     labels = ["layer", *rank_names]
     modules = [(n, snap.activations[n]) for n in st.activation_names if n in snap.activations]
-    for metric, attr, doc in _ACTIVATION_GAUGES:
-        g = GaugeMetricFamily(metric, doc, labels=labels)
-        for name, stats in modules:
-            g.add_metric([name, *rank_values], getattr(stats, attr))
-        yield g
-    c = CounterMetricFamily(
+    yield from _gauges(modules, _ACTIVATION_GAUGES, labels, rank_values)
+    yield _counter(
         "gradmon_activation_nonfinite",
         "Collected steps where this module's forward output had NaN/Inf entries.",
-        labels=labels,
+        st.activation_names,
+        st.activation_nonfinite_total,
+        labels,
+        rank_values,
     )
-    for name in st.activation_names:
-        c.add_metric([name, *rank_values], st.activation_nonfinite_total.get(name, 0))
-    yield c
 
 
 class RankLabelled(Collector):

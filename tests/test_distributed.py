@@ -167,6 +167,10 @@ def _worker(rank: int, master_port: int, base_port: int, out_dir: str) -> None:
                 }
             )
         mon.close()
+        # Both ranks done with every collective before either tears gloo down: a rank that
+        # exits while the other is still inside one can abort it (seen once in CI:
+        # "terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
