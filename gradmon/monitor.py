@@ -836,8 +836,9 @@ class Monitor:
         acts = self._activations.take(self._to_host) if self._activations else []
         for i in range(len(self._received)):
             self._received[i] = False
-        entry = _Pending(step, skipped, started, parts, fresh, staged, amp, frozenset(failed))
-        entry.activations = acts
+        entry = _Pending(
+            step, skipped, started, parts, fresh, staged, amp, frozenset(failed), activations=acts
+        )
         if measure and self._update is not None:
             with self._guard("hook"):
                 # After the gradients: the old weights, copied for the step post-hook.
