@@ -44,7 +44,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import gradmon
-from gradmon.stats import generic, param_sum_squares
+from gradmon.stats import torch as torch_stats, param_sum_squares
 
 TARGETS = {
     "stats_vs_copy_read_bw_min": 0.8,
@@ -189,7 +189,7 @@ def _stats_row(
         trials,
     )
     host = timer.host_ms(lambda: stats_fn(grads), reps)
-    torch_ms = timer.run({"torch": lambda: generic.compute_partials(grads)}, 1, 3)["torch"]
+    torch_ms = timer.run({"torch": lambda: torch_stats.compute_partials(grads)}, 1, 3)["torch"]
     copy_read_gbps = nbytes / times["copy"] / 1e6
     stats_gbps = nbytes / times["stats"] / 1e6
     return {
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if dry:
         device = torch.device("cpu")
         shape_sets = DRY_SHAPE_SETS
-        stats_fn: Callable[..., torch.Tensor] = generic.compute_partials
+        stats_fn: Callable[..., torch.Tensor] = torch_stats.compute_partials
         backend = "torch"
         reps, trials = 2, 3
         model_cfg = {"vocab": 1000, "ctx": 64, "d": 64, "layers": 2, "heads": 4}

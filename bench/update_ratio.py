@@ -24,7 +24,7 @@ from torch import nn
 
 import gradmon
 from gradmon.bench import ReferenceModel, _interleaved
-from gradmon.update_ratio import UpdateRatio
+from gradmon.agent.features.update_ratio import UpdateRatio
 
 VARIANTS: dict[str, int | None] = {"no agent": None, "off": 0, "every 10": 10, "every 1": 1}
 

@@ -5,7 +5,7 @@ mon = gradmon.attach(model, optimizer)   # that's all; /metrics on 127.0.0.1:940
 
 from gradmon.config import Config
 from gradmon.errors import GradmonError
-from gradmon.monitor import Monitor, attach
+from gradmon.agent.monitor import Monitor, attach
 from gradmon.snapshot import LayerStats, Snapshot
 from gradmon.version import __version__
 

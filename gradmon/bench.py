@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import gradmon
-from gradmon.stats import generic, select_backend
+from gradmon.stats import torch as torch_stats, select_backend
 
 
 class ReferenceModel(nn.Module):
@@ -104,7 +104,7 @@ def run_bench(steps: int = 30, warmup: int = 3, stats_reps: int = 50, seed: int 
         backend(grads)
 
     def plain() -> None:
-        generic.compute_partials(grads)
+        torch_stats.compute_partials(grads)
 
     _interleaved([foreach_norm, fast, plain], 3)
     norm_t, fast_t, plain_t = _interleaved([foreach_norm, fast, plain], stats_reps)

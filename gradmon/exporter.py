@@ -26,7 +26,7 @@ from gradmon.snapshot import Snapshot
 
 log = logging.getLogger("gradmon")
 
-AGENT_STAGES = ("hook", "collect", "publish", "scaler", "sink", "export")
+AGENT_STAGES = ("hook", "collect", "publish", "scaler", "sink", "export", "callback")
 
 
 def log_buckets(lo_exp: int, hi_exp: int, per_decade: int) -> tuple[float, ...]:
@@ -91,6 +91,7 @@ class ExportState:
     per_layer: bool = True
     activation_names: list[str] = field(default_factory=list)  # exported modules, capped
     activation_nonfinite_total: dict[str, int] = field(default_factory=dict)
+    nonfinite_origin_total: dict[str, int] = field(default_factory=dict)
 
 
 class GradmonCollector(Collector):
@@ -328,6 +329,17 @@ def _layer_families(
         "Collected steps where this layer's gradient had NaN/Inf entries.",
         st.layer_names,
         st.layer_nonfinite_total,
+        labels,
+        rank_values,
+    )
+    # Where NaN/Inf started (Snapshot.nonfinite_origin): a layer, or a module under
+    # collect.activations; bounded by the exported names.
+    exported = {*st.layer_names, *st.activation_names}
+    yield _counter(
+        "gradmon_nonfinite_origin",
+        "Collected steps whose NaN/Inf started at this layer (or module, with activations).",
+        [n for n in sorted(st.nonfinite_origin_total) if n in exported],
+        st.nonfinite_origin_total,
         labels,
         rank_values,
     )

@@ -40,7 +40,7 @@ class LayerStats:
 @dataclass(frozen=True, slots=True)
 class ActivationStats:
     """One module's forward output over the forwards before one collected step (opt-in:
-    `collect.activations`; see gradmon/activations.py). Several forwards (micro-batches of
+    `collect.activations`; see gradmon/agent/features/activations.py). Several forwards (micro-batches of
     gradient accumulation, a module called twice) add up. Magnitudes are over finite
     entries only; NaN/Inf entries are counted, never dropped silently."""
 
@@ -51,6 +51,10 @@ class ActivationStats:
     nan_count: int
     inf_count: int
     sum_squares: float = 0.0  # additive partial
+
+    @property
+    def nonfinite(self) -> bool:
+        return bool(self.nan_count or self.inf_count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,10 @@ class Snapshot:
     skipped: bool = False  # the optimizer step was skipped (GradScaler found inf/NaN)
     # Module name -> its forward output statistics (collect.activations); empty when off.
     activations: dict[str, ActivationStats] = field(default_factory=dict)
+    # Where NaN/Inf first appeared in this step: with collect.activations, the first module
+    # in forward order whose output held it; otherwise the first layer in backward order
+    # (the order the grads became ready) whose gradient held it. None when all finite.
+    nonfinite_origin: str | None = None
 
 
 def combine_rows(rows: Sequence[Sequence[float]]) -> list[float]:

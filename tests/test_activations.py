@@ -20,7 +20,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import gradmon
+from gradmon.agent.features import activations
 from gradmon.sinks.record import read_record
+
+from . import readings
 
 NO_SERVER = {"exporter": {"enabled": False}}
 
@@ -101,7 +104,7 @@ def run(
             if check is not None:
                 check(snap, seen)
             snaps.append(snap)
-        assert not any(mon._export_state().errors_total.values())
+        assert not any(readings.errors(mon).values())
     return snaps
 
 
@@ -175,19 +178,23 @@ def test_gradient_accumulation_adds_micro_batches() -> None:
     assert snap.activations["fc1"].numel == 3 * 5 * 16
 
 
-def test_only_forwards_before_a_collected_step_compute() -> None:
+def test_only_forwards_before_a_collected_step_compute(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Count the statistics the hooks compute, through the function they call (the C
+    # kernel is turned off so that every output goes through it).
+    calls: list[int] = []
+    row_fn = activations.activation_row
+    monkeypatch.setattr(activations, "cpu_kernel", lambda: None)
+    monkeypatch.setattr(activations, "activation_row", lambda x: calls.append(1) or row_fn(x))
     model = Probe()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradmon.attach(model, opt, config=cfg(every_n_steps=3)) as mon:
-        tracker = mon._activations
-        assert tracker is not None
         for step in range(7):
             opt.zero_grad()
-            assert tracker.armed == (step % 3 == 0)
+            calls.clear()
             with captured(model) as seen:
                 model(torch.randn(4, 8)).pow(2).mean().backward()
-            # Forwards before an uncollected step leave the table untouched: no compute.
-            assert bool(tracker._home.any()) == (step % 3 == 0), step
+            # Forwards before an uncollected step compute nothing.
+            assert len(calls) == (len(MODULES) if step % 3 == 0 else 0), step
             opt.step()
             snap = mon.snapshot()
             assert snap is not None
@@ -195,8 +202,7 @@ def test_only_forwards_before_a_collected_step_compute() -> None:
                 assert snap.step == step
                 for name in MODULES:  # this step's forward only
                     assert_matches(snap.activations[name], seen[name])
-            assert not tracker._home.any()  # taken at collection, or never written
-        assert mon._collections == 3
+        assert readings.collections(mon) == 3
 
 
 def test_inplace_ops_train_identically_and_are_measured_before() -> None:
@@ -281,7 +287,10 @@ def test_hooks_only_when_on_and_removed_on_close() -> None:
         assert forward_hooks(model) == 0  # activations off by default
     mon = gradmon.attach(model, opt, config=cfg(activations_exclude="^inp$"))
     assert forward_hooks(model) == 3
-    assert mon._activations is not None and mon._activations.names == MODULES[1:]
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    opt.step()
+    snap = mon.snapshot()
+    assert snap is not None and list(snap.activations) == MODULES[1:]
     mon.close()
     assert forward_hooks(model) == 0
 
@@ -454,19 +463,30 @@ def test_inductor_compiled_model_gives_eager_activations() -> None:
 def test_compiled_output_on_another_device_than_the_table_runs_eagerly() -> None:
     """A module moved after attach: its output is not on the table's device. Stood in for
     by a table on the meta device; the compiled hook falls back to an eager call."""
-    from gradmon.activations import NCOLS, ActivationTracker
+    from gradmon.agent.features.activations import ActivationTracker
+    from gradmon.agent.staging import Staged
     from gradmon.config import CollectConfig
+
+    def cpu_stats(tracker: ActivationTracker) -> dict[str, Any]:
+        tables = [c.host for c, _ in tracker.take(Staged) if c.host.device.type == "cpu"]
+        return tracker.finalize(tables)
 
     torch._dynamo.reset()
     model = Probe()
-    tracker = ActivationTracker(model, CollectConfig(activations=True), "(root)")
     x = torch.randn(4, 8)
+    eager = ActivationTracker(model, CollectConfig(activations=True), "(root)")
     model(x)
-    want = tracker._home.clone()
-    meta = torch.zeros((len(MODULES), NCOLS), dtype=torch.float64, device="meta")
-    tracker._home, tracker._tables = meta, {meta.device: meta}
+    model(x)
+    want = cpu_stats(eager)
+    eager.remove()
+    meta = torch.device("meta")
+    tracker = ActivationTracker(model, CollectConfig(activations=True), "(root)", home=meta)
     compiled = torch.compile(model, backend="aot_eager")
     compiled(x)
     compiled(x)
-    assert torch.allclose(tracker._tables[torch.device("cpu")], 2 * want)
+    got = cpu_stats(tracker)
+    assert got.keys() == want.keys()
+    for name, stats in want.items():
+        assert got[name].numel == stats.numel
+        assert math.isclose(got[name].rms, stats.rms, rel_tol=1e-6)
     tracker.remove()

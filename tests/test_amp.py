@@ -14,10 +14,11 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 import gradmon
-from gradmon.monitor import _unscale_partials
+from gradmon.agent.collect import unscale_partials as _unscale_partials
 from gradmon.stats import Col, reference
 
 from .conftest import SmallNet
+from . import readings
 
 NO_SERVER = {"exporter": {"enabled": False}}
 SCALE = 2.0**10
@@ -132,8 +133,8 @@ def test_several_optimizers_share_one_scaler() -> None:
         for opt in stepped:
             scaler.step(opt)
         scaler.update()
-    assert (mon_body._steps, mon_body._skipped_steps, mon_body._nonfinite_steps) == (3, 0, 0)
-    assert (mon_head._steps, mon_head._skipped_steps, mon_head._nonfinite_steps) == (2, 1, 1)
+    assert (readings.steps(mon_body), readings.skipped_steps(mon_body), readings.nonfinite_steps(mon_body)) == (3, 0, 0)
+    assert (readings.steps(mon_head), readings.skipped_steps(mon_head), readings.nonfinite_steps(mon_head)) == (2, 1, 1)
     snap = mon_head.snapshot()
     assert snap is not None and snap.skipped and snap.layers["out.weight"].inf_count == 1
     mon_body.close()
@@ -151,8 +152,8 @@ def test_scaler_without_optimizer_counts_no_skips(net: SmallNet) -> None:
             scaled_backward(net, scaler)
             scaler.step(opt)
             scaler.update()
-        assert mon._skipped_steps == 0  # it cannot tell without the optimizer
-        assert mon._export_state().loss_scale == SCALE
+        assert readings.skipped_steps(mon) == 0  # it cannot tell without the optimizer
+        assert readings.loss_scale(mon) == SCALE
 
 
 def test_fused_optimizer_statistics_are_unscaled_on_the_device(net: SmallNet) -> None:
@@ -170,7 +171,7 @@ def test_fused_optimizer_statistics_are_unscaled_on_the_device(net: SmallNet) ->
             snap = mon.snapshot()
             assert snap is not None and not snap.skipped
             assert_matches(snap, want, rel=1e-6)
-        assert mon._export_state().skipped_steps_total == 0
+        assert readings.skipped_steps(mon) == 0
 
 
 def test_fused_optimizer_skipped_steps_counted_from_found_inf(net: SmallNet) -> None:
@@ -228,7 +229,7 @@ def test_bf16_autocast_without_scaler(net: SmallNet) -> None:
         want = reference_rows(net)
         opt.step()
         snap = mon.snapshot()
-    assert snap is not None and mon._collections == 1
+    assert snap is not None and readings.collections(mon) == 1
     assert_matches(snap, want, rel=1e-6)
 
 

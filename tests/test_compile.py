@@ -19,6 +19,7 @@ import gradmon
 from gradmon.stats import Col, reference
 
 from .conftest import SmallNet
+from . import readings
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
@@ -65,7 +66,7 @@ def train(
                     assert snap.layers[name].abs_max == row[Col.ABS_MAX]
                 snaps.append(snap)
         if mon is not None:
-            assert mon._collections == STEPS  # one collection per (compiled) step
+            assert readings.collections(mon) == STEPS  # one collection per (compiled) step
     finally:
         if mon is not None:
             mon.close()

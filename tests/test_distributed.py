@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import gradmon
-from gradmon import distributed
+from gradmon.agent import distributed
 
 from .conftest import SmallNet
 
@@ -336,8 +336,9 @@ def test_per_layer_ranks(
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     registry = CollectorRegistry()
     cfg = {**NO_SERVER, "exporter": {"enabled": False, "per_layer_ranks": mode}}
-    with fake_rank(monkeypatch, 1), gradmon.attach(net, opt, config=cfg, registry=registry) as mon:
-        mon._sharded = sharded
+    # Sharded or not is read from the parameters (DTensor) at attach: told here instead.
+    monkeypatch.setattr(distributed, "is_sharded", lambda _t: sharded)
+    with fake_rank(monkeypatch, 1), gradmon.attach(net, opt, config=cfg, registry=registry):
         _train_one(net, opt)
         got = registry.get_sample_value("gradmon_grad_norm", {"layer": "fc1.weight", "rank": "1"})
         assert (got is not None) == exported

@@ -16,6 +16,7 @@ import gradmon
 from gradmon import GradmonError
 
 from .conftest import SmallNet, train_step
+from . import readings
 
 PORT0 = {"exporter": {"port": 0}}
 
@@ -193,7 +194,7 @@ def test_scraping_while_training(net: SmallNet) -> None:
         stop.set()
         for t in threads:
             t.join(timeout=30)
-        assert mon._errors == dict.fromkeys(mon._errors, 0)
+        assert not any(readings.errors(mon).values())
     assert not failures
     assert seen_steps, "no scrape saw a snapshot"
 
@@ -231,4 +232,4 @@ def test_cached_exposition_matches_the_registry(net: SmallNet, accept: str) -> N
             got = gradmon_samples(served)
             assert got == want
             assert ("gradmon_grad_norm", (("layer", "fc1.weight"),)) in got
-            assert got[("gradmon_step", ())] == mon._steps - 1
+            assert got[("gradmon_step", ())] == readings.steps(mon) - 1

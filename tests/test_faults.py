@@ -24,10 +24,14 @@ from torch import nn
 
 import gradmon
 from gradmon import exporter
-from gradmon import monitor as monitor_module
+from gradmon.agent import gather, publish, steps
+from gradmon.agent import monitor as monitor_module
 from gradmon.exporter import AGENT_STAGES
 from gradmon.sinks.record import RecordSink
-from gradmon.stats import Col, cpu, generic, reference
+from gradmon.stats import Col, cpu, reference
+from gradmon.stats import torch as torch_stats
+
+from . import readings
 
 STEPS = 4
 MODULES = {"granularity": "module"}  # layers fc1, mid, out
@@ -121,16 +125,16 @@ def test_hook_fault(
 ) -> None:
     model, _, want = twins
 
-    def broken(self: gradmon.Monitor) -> list[bool]:
+    def broken(self: gather.Gatherer, arrival: list[int]) -> gather.Gathered:
         raise RuntimeError("injected hook fault")
 
-    monkeypatch.setattr(gradmon.Monitor, "_fresh_gradients", broken)
+    monkeypatch.setattr(gather.Gatherer, "gather", broken)
     mon, got = train_monitored(model, SERVED)
     with mon:
         assert got == want
         assert errors(mon.port)["hook"] == STEPS
         assert mon.snapshot() is None  # nothing to publish; the steps are still counted
-        assert mon._steps == STEPS
+        assert readings.steps(mon) == STEPS
     assert logged(caplog, "hook") == 1
 
 
@@ -153,7 +157,7 @@ def test_stats_backend_fault_leaves_other_groups(
         return partials
 
     monkeypatch.setattr(cpu, "compute_partials", failing_on_float64(cpu.compute_partials))
-    monkeypatch.setattr(generic, "compute_partials", failing_on_float64(generic.compute_partials))
+    monkeypatch.setattr(torch_stats, "compute_partials", failing_on_float64(torch_stats.compute_partials))
     mon, got = train_monitored(model, {**SERVED, "collect": {**MODULES, "backend": backend}})
     with mon:
         assert got == want
@@ -177,7 +181,7 @@ def test_publish_fault_in_one_layer_leaves_the_others(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     model, _, want = twins
-    original = monitor_module.finalize_layer
+    original = publish.finalize_layer
     mid_numel = 16 * 16 + 16
 
     def finalize(row: list[float], numel: int, param_sq: float) -> Any:
@@ -185,7 +189,7 @@ def test_publish_fault_in_one_layer_leaves_the_others(
             raise ValueError("injected publish fault")
         return original(row, numel, param_sq)
 
-    monkeypatch.setattr(monitor_module, "finalize_layer", finalize)
+    monkeypatch.setattr(publish, "finalize_layer", finalize)
     mon, got = train_monitored(model, SERVED)
     with mon:
         assert got == want
@@ -194,7 +198,7 @@ def test_publish_fault_in_one_layer_leaves_the_others(
         oracle = layer_norms(model)
         assert snap.layers["out"].norm == pytest.approx(oracle["out"], rel=1e-6)
         assert errors(mon.port)["publish"] == STEPS
-        assert mon._collections == STEPS
+        assert readings.collections(mon) == STEPS
     assert logged(caplog, "publish") == 1
 
 
@@ -225,13 +229,13 @@ def test_scaler_fault(
     def broken(scaler: Any, optimizer: Any) -> bool:
         raise RuntimeError("injected scaler fault")
 
-    monkeypatch.setattr(monitor_module, "_scaler_stepped", broken)
+    monkeypatch.setattr(steps, "scaler_stepped", broken)
     got, mon = train(net, monitor=True)
     assert mon is not None
     with mon:
         assert got[:2] == want[:2] and math.isnan(got[2]) and got[3:] == want[3:]
         assert errors(mon.port)["scaler"] == 1
-        assert mon._collections == STEPS - 1  # the stepped ones; the skipped one was lost
+        assert readings.collections(mon) == STEPS - 1  # the stepped ones; the skipped one was lost
     assert logged(caplog, "scaler") == 1
 
 

@@ -12,10 +12,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradmon
+from gradmon.agent import collect as agent_collect
+from gradmon.agent import monitor as agent_monitor
 from gradmon import GradmonError
 from gradmon.stats import Col, reference
 
 from .conftest import SmallNet, train_step
+from . import readings
 
 NO_SERVER = {"exporter": {"enabled": False}}
 
@@ -39,7 +42,7 @@ def test_one_collection_per_step_on_final_grads(net: SmallNet) -> None:
         opt.step()
         snap = mon.snapshot()
         assert snap is not None and snap.step == 0
-        assert mon._collections == 1
+        assert readings.collections(mon) == 1
         for name, norm in want.items():
             assert snap.layers[name].norm == pytest.approx(norm, rel=1e-6)
         assert snap.global_norm == pytest.approx(math.sqrt(sum(v * v for v in want.values())))
@@ -76,7 +79,7 @@ def test_every_n_steps(net: SmallNet) -> None:
             snap = mon.snapshot()
             steps.append(snap.step if snap else None)
         assert steps == [0, 0, 0, 3, 3, 3, 6]
-        assert mon._steps == 7 and mon._collections == 3
+        assert readings.steps(mon) == 7 and readings.collections(mon) == 3
 
 
 class Branchy(nn.Module):
@@ -140,7 +143,7 @@ def test_activation_checkpointing(reentrant: bool) -> None:
         model(x).pow(2).mean().backward()
         opt.step()
         snap = mon.snapshot()
-        assert mon._collections == 1
+        assert readings.collections(mon) == 1
     plain(x).pow(2).mean().backward()
     assert snap is not None
     for name, norm in expected_norms(plain).items():
@@ -156,7 +159,7 @@ def test_collect_without_optimizer(net: SmallNet) -> None:
         mon.collect(step=41)
         snap = mon.snapshot()
         assert snap is not None and snap.step == 41
-        assert mon._collections == 2 and mon._steps == 2
+        assert readings.collections(mon) == 2 and readings.steps(mon) == 2
         with pytest.raises(GradmonError, match="collect\\(step=...\\)"):
             mon.collect(step="3")  # type: ignore[arg-type]
 
@@ -189,7 +192,7 @@ def test_close_removes_every_hook(net: SmallNet) -> None:
     mon.close()  # idempotent
     assert mon.closed
     train_step(net, opt)
-    assert mon._collections == 1 and mon._steps == 1
+    assert readings.collections(mon) == 1 and readings.steps(mon) == 1
     assert not opt._optimizer_step_pre_hooks
     for p in net.parameters():
         assert not p._post_accumulate_grad_hooks
@@ -198,7 +201,7 @@ def test_close_removes_every_hook(net: SmallNet) -> None:
     # re-attaching after close works
     with gradmon.attach(net, opt, config=NO_SERVER) as again:
         train_step(net, opt)
-        assert again._collections == 1
+        assert readings.collections(again) == 1
 
 
 def test_monitor_does_not_keep_model_alive() -> None:
@@ -242,7 +245,7 @@ def test_nonfinite_gradients_counted_not_dropped(net: SmallNet) -> None:
         opt.step()
         snap = mon.snapshot()
     assert snap is not None and snap.nonfinite
-    assert mon._nonfinite_steps == 1
+    assert readings.nonfinite_steps(mon) == 1
     fc1 = snap.layers["fc1.weight"]
     assert fc1.nan_count + fc1.inf_count > 0
     assert math.isfinite(snap.global_norm)
@@ -250,29 +253,30 @@ def test_nonfinite_gradients_counted_not_dropped(net: SmallNet) -> None:
 
 
 def test_failure_inside_agent_does_not_stop_training(
-    net: SmallNet, caplog: pytest.LogCaptureFixture
+    net: SmallNet, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    def broken(_grads: object) -> torch.Tensor:
+        raise RuntimeError("injected")
+
+    # The seam the agent picks its kernel through: every kernel it gets fails.
+    monkeypatch.setattr(agent_collect, "select_backend", lambda *_: broken)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     with gradmon.attach(net, opt, config=NO_SERVER) as mon:
-
-        def broken(_grads: object) -> torch.Tensor:
-            raise RuntimeError("injected")
-
-        mon._backends = {(torch.device("cpu"), torch.float32): broken}
         before = [p.detach().clone() for p in net.parameters()]
         for _ in range(3):
             train_step(net, opt)
         assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
-        assert mon._errors["collect"] == 3  # the statistics stage; the step went on
-        assert mon._steps == 3
+        assert readings.errors(mon)["collect"] == 3  # the statistics stage; the step went on
+        assert readings.steps(mon) == 3
     assert sum("error in stage 'collect'" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_log_accepts_tensors_without_sync(net: SmallNet) -> None:
     with gradmon.attach(net, config=NO_SERVER) as mon:
         mon.log(loss=torch.tensor(0.5), lr=1e-3, step_time=2)
-        state = mon._export_state()
-        assert state.scalars == {"loss": 0.5, "lr": 1e-3, "step_time": 2.0}
+        scalars = {n: readings.value(mon, "gradmon_scalar", name=n) for n in ("loss", "lr")}
+        assert scalars == {"loss": 0.5, "lr": 1e-3}
+        assert readings.value(mon, "gradmon_scalar", name="step_time") == 2.0
         with pytest.raises(GradmonError, match="one element"):
             mon.log(loss=torch.ones(3))
 
@@ -293,9 +297,9 @@ def test_grad_scaler_skipped_steps_are_counted(net: SmallNet) -> None:
                 snap = mon.snapshot()
                 assert snap is not None and not snap.skipped
                 unscaled = snap.global_norm
-        assert mon._steps == 4 and mon._skipped_steps == 1
-        assert mon._nonfinite_steps == 1
-        assert mon._export_state().loss_scale == 2.0**7
+        assert readings.steps(mon) == 4 and readings.skipped_steps(mon) == 1
+        assert readings.nonfinite_steps(mon) == 1
+        assert readings.loss_scale(mon) == 2.0**7
         assert unscaled < 100  # statistics of unscaled grads, not x256
     assert "update" not in scaler.__dict__  # close() restored the scaler
 
@@ -310,7 +314,7 @@ def test_collect_skipped_counts_a_skipped_step(net: SmallNet) -> None:
         train_step(net, opt)
         snap = mon.snapshot()
         assert snap is not None and snap.step == 2
-        assert (mon._steps, mon._skipped_steps, mon._collections) == (3, 1, 3)
+        assert (readings.steps(mon), readings.skipped_steps(mon), readings.collections(mon)) == (3, 1, 3)
 
 
 class RecordingSink:
@@ -332,11 +336,13 @@ class RecordingSink:
         self.closed = True
 
 
-def test_sinks_see_grads_and_snapshots_and_failures_are_counted(net: SmallNet) -> None:
+def test_sinks_see_grads_and_snapshots_and_failures_are_counted(
+    net: SmallNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     good, bad = RecordingSink(), RecordingSink(fail=True)
+    monkeypatch.setattr(agent_monitor, "build_sinks", lambda _cfg: [bad, good])
     with gradmon.attach(net, opt, config=NO_SERVER) as mon:
-        mon._sinks = [bad, good]
         mon.log(loss=1.5)
         train_step(net, opt)
         train_step(net, opt)
@@ -346,5 +352,5 @@ def test_sinks_see_grads_and_snapshots_and_failures_are_counted(net: SmallNet) -
         assert grads["fc1.weight"][0] is net.fc1.weight.grad
         assert [snap.step for snap, _ in good.published] == [0, 1]  # type: ignore[attr-defined]
         assert good.published[0][1] == {"loss": 1.5}
-        assert mon._errors["sink"] == 2
+        assert readings.errors(mon)["sink"] == 2
     assert good.closed and bad.closed

@@ -27,6 +27,7 @@ from gradmon.sinks.tensorboard import (
 )
 from gradmon.snapshot import ANOMALY_KINDS, Snapshot
 from tests.conftest import SmallNet
+from . import readings
 
 NO_SERVER: dict[str, Any] = {"exporter": {"enabled": False}}
 
@@ -222,7 +223,7 @@ def test_tensorboard_histograms_off_and_failures_are_counted(net: SmallNet, tmp_
         _train(net, mon, opt, steps=2)
         mon.snapshot()
     assert _events(tmp_path).Tags()["histograms"] == []
-    assert mon._errors["sink"] >= 1  # the writer thread's failure reached the guard
+    assert readings.errors(mon)["sink"] >= 1  # the writer thread's failure reached the guard
 
 
 def test_tensorboard_missing_is_a_clear_error(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from gradmon.staging import Staged, StagingPool
+from gradmon.agent.staging import Staged, StagingPool
 
 
 class Event:

@@ -324,7 +324,8 @@ def test_partials_and_param_norms_in_one_call_match_float64(dtype: torch.dtype) 
     """The C kernel reads the weights with the gradients (one call): the weights' squared
     norms equal a float64 reference, the gradient partials are those of the gradients
     alone, and a non-CPU-kernel backend takes the two separate paths."""
-    from gradmon.stats import generic, partials_and_param_sum_squares
+    from gradmon.stats import partials_and_param_sum_squares
+    from gradmon.stats import torch as torch_stats
     from gradmon.stats import param_sum_squares as foreach_path
 
     gen = torch.Generator().manual_seed(3)
@@ -337,7 +338,7 @@ def test_partials_and_param_norms_in_one_call_match_float64(dtype: torch.dtype) 
     assert param_sq.tolist() == pytest.approx(want, rel=1e-12, abs=0)
     assert torch.equal(partials, cpu.compute_partials(grads))
     generic_partials, generic_sq = partials_and_param_sum_squares(
-        generic.compute_partials, grads, weights
+        torch_stats.compute_partials, grads, weights
     )
     assert torch.equal(generic_sq, foreach_path(weights))
     assert generic_partials.shape == partials.shape

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from gradmon import GradmonError
-from gradmon.stats import generic, select_backend
+from gradmon.stats import torch as torch_stats, select_backend
 from gradmon.stats.layout import NCOLS, Col
 
 from .oracle import EXACT_COLS, assert_matches_reference
@@ -99,7 +99,7 @@ def test_triton_not_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(GradmonError, match=r"collect.backend 'triton' cannot run"):
         select_backend("triton", cpu, torch.float32)
     # auto falls back silently (selection only looks at the device type: no GPU needed)
-    assert select_backend("auto", cuda, torch.bfloat16) is generic.compute_partials
+    assert select_backend("auto", cuda, torch.bfloat16) is torch_stats.compute_partials
 
 
 def test_triton_on_cpu_needs_the_interpreter() -> None:
@@ -110,7 +110,7 @@ def test_triton_on_cpu_needs_the_interpreter() -> None:
         select_backend("triton", torch.device("cuda", 0), torch.int32)
     # auto never sends CPU tensors to Triton, and unsupported CUDA dtypes go to torch
     assert select_backend("auto", torch.device("cuda", 0), torch.int32) is (
-        generic.compute_partials
+        torch_stats.compute_partials
     )
 
 

@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 import gradmon
+from gradmon.agent import gather
 from gradmon import GradmonError
 from gradmon.stats import Col, reference
+
+from . import readings
 
 NO_SERVER = {"exporter": {"enabled": False}}
 
@@ -59,7 +62,7 @@ def test_sparse_embedding_grads_counted_over_the_dense_shape() -> None:
         assert s.zero_ratio >= 28 / 40
         assert "fc.weight" in snap.layers and snap.layers["fc.weight"].received
         assert mon.skipped == {}
-        assert mon._errors["collect"] == 0 and mon._errors["hook"] == 0
+        assert readings.errors(mon)["collect"] == 0 and readings.errors(mon)["hook"] == 0
 
 
 def test_sparse_grad_with_duplicate_indices_is_coalesced() -> None:
@@ -128,7 +131,7 @@ def test_integer_and_bool_parameters_without_grad_are_not_monitored() -> None:
             opt.step()
         snap = mon.snapshot()
         assert snap is not None and set(snap.layers) == {"0.weight", "0.bias"}
-        assert sum(mon._errors.values()) == 0  # frozen parameters are not agent errors
+        assert sum(readings.errors(mon).values()) == 0  # frozen parameters are not agent errors
 
 
 def test_all_meta_model_is_a_clear_error() -> None:
@@ -149,7 +152,7 @@ def test_meta_parameters_are_skipped_with_a_counted_reason(
     with mon:
         assert set(mon.skipped) == {"1.weight", "1.bias"}
         assert all("meta device" in r for r in mon.skipped.values())
-        assert mon._errors["collect"] == 2
+        assert readings.errors(mon)["collect"] == 2
         assert "'1.weight' is not monitored" in caplog.text
         model[0](torch.randn(4, 3)).sum().backward()
         mon.collect()
@@ -162,21 +165,20 @@ def test_meta_parameters_are_skipped_with_a_counted_reason(
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_unsupported_grad_layout_is_skipped_and_training_goes_on(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    # torch refuses to assign a CSR .grad to a dense parameter, but a custom
+    # autograd/optimizer setup may hand one over: the agent sees it as CSR here, through
+    # the function it reads every gradient with.
+    original = gather.grad_view
+
+    def as_csr(grad: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+        return original(grad.to_sparse_csr() if grad.shape == (3, 3) else grad)
+
+    monkeypatch.setattr(gather, "grad_view", as_csr)
     with gradmon.attach(model, opt, config=NO_SERVER) as mon, caplog.at_level(logging.WARNING):
-        # torch refuses to assign a CSR .grad to a dense parameter, but a custom
-        # autograd/optimizer setup may hand one over: the agent sees it as CSR here.
-        original = mon._grad_view
-
-        def as_csr(i: int, grad: torch.Tensor) -> torch.Tensor | None:
-            if i == 0:
-                grad = grad.to_sparse_csr()
-            return original(i, grad)
-
-        mon._grad_view = as_csr  # type: ignore[method-assign]
         for _ in range(4):
             opt.zero_grad()
             model(torch.randn(2, 3)).sum().backward()
@@ -184,7 +186,7 @@ def test_unsupported_grad_layout_is_skipped_and_training_goes_on(
         snap = mon.snapshot()
         assert snap is not None and snap.step == 3
         assert "sparse_csr" in mon.skipped["0.weight"]
-        assert mon._errors["collect"] == 1  # counted once per parameter
+        assert readings.errors(mon)["collect"] == 1  # counted once per parameter
         assert caplog.text.count("'0.weight' is not monitored") == 1
         assert not snap.layers["0.weight"].received
         assert snap.layers["1.weight"].received and snap.layers["1.weight"].norm > 0
@@ -212,7 +214,7 @@ def test_parameters_added_after_attach_are_named_once(
             "head.weight": "added after attach() (attach again to monitor it)",
             "head.bias": "added after attach() (attach again to monitor it)",
         }
-        assert mon._errors["collect"] == 2
+        assert readings.errors(mon)["collect"] == 2
         assert caplog.text.count("'head.weight' is not monitored") == 1
 
 

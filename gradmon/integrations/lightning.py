@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from gradmon.config import Config, load_config
-from gradmon.monitor import Monitor, attach
+from gradmon.agent.monitor import Monitor, attach
 
 try:
     from lightning.pytorch import Callback

@@ -22,7 +22,7 @@ from torch import nn
 
 from gradmon.config import Config, load_config
 from gradmon.errors import GradmonError
-from gradmon.monitor import Monitor, attach
+from gradmon.agent.monitor import Monitor, attach
 
 try:
     from transformers import TrainerCallback

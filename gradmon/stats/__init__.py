@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import Literal
 
-import torch
+import torch as _torch  # aliased: the submodule gradmon.stats.torch takes the name
 
 from gradmon.errors import GradmonError
-from gradmon.stats import generic
+from gradmon.stats import cpu
+from gradmon.stats import torch as torch_backend
 from gradmon.stats.layout import NCOLS, Col
 
 __all__ = [
@@ -24,35 +24,37 @@ __all__ = [
     "Backend",
     "Col",
     "PartialsFn",
+    "cpu_kernel",
+    "cpu_kernel_takes",
     "param_sum_squares",
     "partials_and_param_sum_squares",
     "select_backend",
 ]
 
 Backend = Literal["auto", "torch", "cpu", "triton"]
-PartialsFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+PartialsFn = Callable[[Sequence[_torch.Tensor]], _torch.Tensor]
 
 log = logging.getLogger("gradmon")
 
-_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_CPU_DTYPES = cpu.SUPPORTED_DTYPES  # the C kernel's dtypes, listed once, in cpu.py
 
 
 @functools.cache  # asked on every collection (partials_and_param_sum_squares): probe once
-def _cpu_kernel_module() -> ModuleType | None:
-    try:
-        from gradmon.stats import cpu
-    except ImportError:
-        return None
-    return cpu if cpu.available() else None
+def _cpu_kernel_built() -> bool:
+    return cpu.available()
 
 
-def _load_cpu_backend() -> PartialsFn | None:
-    cpu = _cpu_kernel_module()
-    fn: PartialsFn | None = cpu.compute_partials if cpu is not None else None
-    return fn
+def cpu_kernel() -> PartialsFn | None:
+    """The C kernel's partials function, or None where it is not built (probed once)."""
+    return cpu.compute_partials if _cpu_kernel_built() else None
 
 
-def _load_triton_backend(device: torch.device, dtype: torch.dtype) -> tuple[PartialsFn | None, str]:
+def cpu_kernel_takes(t: _torch.Tensor) -> bool:
+    """Whether the C kernel can read `t` (a CPU tensor of one of its dtypes)."""
+    return t.device.type == "cpu" and t.dtype in _CPU_DTYPES and cpu_kernel() is not None
+
+
+def _load_triton_backend(device: _torch.device, dtype: _torch.dtype) -> tuple[PartialsFn | None, str]:
     """The Triton kernel for this group, or None and why not. Imports triton lazily."""
     try:
         from gradmon.stats import triton as triton_backend
@@ -67,12 +69,12 @@ def _load_triton_backend(device: torch.device, dtype: torch.dtype) -> tuple[Part
     return fn, ""
 
 
-def _first_call_fallback(fast: PartialsFn, device: torch.device) -> PartialsFn:
+def _first_call_fallback(fast: PartialsFn, device: _torch.device) -> PartialsFn:
     """backend 'auto': if the Triton kernel fails on its first call (it compiles then, e.g.
     for a GPU this Triton does not support), warn once and use the torch backend."""
     chosen: list[PartialsFn] = []
 
-    def partials(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    def partials(grads: Sequence[_torch.Tensor]) -> _torch.Tensor:
         if chosen:
             return chosen[0](grads)
         try:
@@ -84,20 +86,20 @@ def _first_call_fallback(fast: PartialsFn, device: torch.device) -> PartialsFn:
                 device,
                 exc,
             )
-            chosen.append(generic.compute_partials)
-            return generic.compute_partials(grads)
+            chosen.append(torch_backend.compute_partials)
+            return torch_backend.compute_partials(grads)
         chosen.append(fast)
         return out
 
     return partials
 
 
-def select_backend(name: Backend, device: torch.device, dtype: torch.dtype) -> PartialsFn:
+def select_backend(name: Backend, device: _torch.device, dtype: _torch.dtype) -> PartialsFn:
     """The partials function for one (device, dtype) group of gradients."""
     if name == "torch" or dtype.is_complex:
-        return generic.compute_partials
+        return torch_backend.compute_partials
     if name in ("auto", "cpu") and device.type == "cpu" and dtype in _CPU_DTYPES:
-        fn = _load_cpu_backend()
+        fn = cpu_kernel()
         if fn is not None:
             return fn
         if name == "cpu":
@@ -118,10 +120,10 @@ def select_backend(name: Backend, device: torch.device, dtype: torch.dtype) -> P
             raise GradmonError(
                 f"collect.backend 'triton' cannot run on {dtype} gradients on {device}: {why}"
             )
-    return generic.compute_partials
+    return torch_backend.compute_partials
 
 
-def param_sum_squares(params: Sequence[torch.Tensor]) -> torch.Tensor:
+def param_sum_squares(params: Sequence[_torch.Tensor]) -> _torch.Tensor:
     """[T] float64 squared L2 norms of parameters, on their device, without a sync.
 
     One `_foreach_norm` in the parameters' dtype: a parameter norm is a slowly moving
@@ -129,21 +131,21 @@ def param_sum_squares(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     tensors = [p.detach() for p in params]
     # fp16/bf16 norms come back in fp16/bf16 unless asked: 65504 would overflow fp16.
-    wide = torch.float32 if tensors and tensors[0].element_size() < 4 else None
-    norms = torch._foreach_norm(tensors, 2, dtype=wide)
-    return torch.stack(norms).double().square()
+    wide = _torch.float32 if tensors and tensors[0].element_size() < 4 else None
+    norms = _torch._foreach_norm(tensors, 2, dtype=wide)
+    return _torch.stack(norms).double().square()
 
 
 def partials_and_param_sum_squares(
-    backend: PartialsFn, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+    backend: PartialsFn, grads: Sequence[_torch.Tensor], params: Sequence[_torch.Tensor]
+) -> tuple[_torch.Tensor, _torch.Tensor]:
     """The [T, 8] partials of `grads` and the [T] float64 squared norms of `params`.
 
     With the C kernel, one call reads both (its float64 sum of squares of the weights):
     per tensor it costs ~0.7 us against ~2 us for `_foreach_norm` (a 2,000-tensor model
     spent 4 ms of every step in the latter), and per element it is no slower.
     """
-    if backend is _load_cpu_backend() and all(
+    if backend is cpu_kernel() and all(
         p.dtype in _CPU_DTYPES and p.device.type == "cpu" for p in params
     ):
         both = backend([*grads, *(p.detach() for p in params)])

@@ -27,20 +27,28 @@ Complex weights count their real and imaginary parts (the complex L2 norm).
 
 from __future__ import annotations
 
-import logging
 import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import dataclasses
+import logging as _logging
+from typing import Any
+
 import torch
 
-from gradmon import distributed
+from gradmon.agent import distributed
+from gradmon.agent.features import FeatureRows, Stage, Work
+from gradmon.agent.layers import LayerIndex
+from gradmon.config import Config
+from gradmon.snapshot import Snapshot
 from gradmon.stats import param_sum_squares
+from gradmon.stats.torch import real_view
 
-__all__ = ["UpdateRatio"]
+__all__ = ["UpdateRatio", "UpdateRatioFeature"]
 
-log = logging.getLogger("gradmon")
+log = _logging.getLogger("gradmon")
 
 _ALIGN = 64  # bytes: every view into the uint8 buffer starts aligned for any dtype
 
@@ -48,8 +56,7 @@ _ALIGN = 64  # bytes: every view into the uint8 buffer starts aligned for any dt
 def _weight(p: torch.Tensor) -> torch.Tensor:
     """The tensor the ratio is taken over: a DTensor's local shard; complex weights as
     their real and imaginary parts (as Monitor._collect takes them)."""
-    w = distributed.local_tensor(p).detach()
-    return torch.view_as_real(w.resolve_conj()) if w.is_complex() else w
+    return real_view(distributed.local_tensor(p).detach())
 
 
 def _aligned(nbytes: int) -> int:
@@ -220,3 +227,59 @@ class UpdateRatio:
             else:  # all-zero weights: no change is 0, any change infinitely large
                 ratio = 0.0 if dsq == 0 else math.inf
             self.last[self._names[layer]] = ratio
+
+
+class UpdateRatioFeature:
+    """UpdateRatio behind the features protocol: a sampled collection waits for the end of
+    its optimizer step, whose post-hook stages the rows; publication applies the ratios."""
+
+    name = "update_ratio"
+    post_step = True
+    errors = 0  # its failures happen in the monitor's guarded calls, counted there
+
+    def __init__(self, ratio: UpdateRatio) -> None:
+        self.ratio = ratio
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, index: LayerIndex, optimizer: torch.optim.Optimizer | None
+    ) -> UpdateRatioFeature | None:
+        every = cfg.collect.update_ratio_every
+        if every and optimizer is None:
+            log.warning(
+                "gradmon: collect.update_ratio_every is set but attach() got no optimizer: "
+                "the update ratio is measured around optimizer.step(), so it is off"
+            )
+        if not every or optimizer is None:
+            return None
+        max_bytes = cfg.collect.update_ratio_max_bytes
+        return cls(UpdateRatio(every, max_bytes, index.layer_names, index.members, index.param_refs))
+
+    def on_step_counted(self, next_collected: bool) -> None:
+        pass
+
+    def at_collection(self, stage: Stage, at_optimizer_step: bool) -> Work:
+        # After the gradients: the old weights, copied for the step post-hook.
+        waits = at_optimizer_step and self.ratio.due() and self.ratio.before_step()
+        return Work(wait_for_step_end=waits)
+
+    def at_step_end(self, stage: Stage) -> FeatureRows:
+        return [(stage(rows), layers) for rows, layers in self.ratio.after_step()]
+
+    def finish(self, tables: list[tuple[torch.Tensor, Any]], snap: Snapshot) -> Snapshot:
+        if tables:
+            self.ratio.finish(tables)
+        last = self.ratio.last
+        if not last:
+            return snap
+        # The last measured value of each layer (see the module's note on staleness).
+        layers = {
+            n: dataclasses.replace(s, update_ratio=last.get(n)) for n, s in snap.layers.items()
+        }
+        return dataclasses.replace(snap, layers=layers)
+
+    def export_fields(self) -> dict[str, Any]:
+        return {}
+
+    def remove(self) -> None:
+        pass

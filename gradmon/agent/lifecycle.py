@@ -2,7 +2,7 @@
 
 - fork: the child gets a copy of every live monitor, its hooks and the server's
   listening socket, but none of its threads. There the monitor is made inert and the
-  socket copy closed (`Monitor._after_fork_in_child`): the child collects nothing,
+  socket copy closed (`Monitor.after_fork_in_child`): the child collects nothing,
   serves nothing, and the parent's close() frees the port while workers still run.
 - exit: monitors still open are closed (hooks removed, sinks flushed, server stopped).
   Every thread of the agent is a daemon thread, so none keeps the process alive.
@@ -17,7 +17,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gradmon.monitor import Monitor
+    from gradmon.agent.monitor import Monitor
 
 _live: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
@@ -30,7 +30,7 @@ def track(monitor: Monitor) -> None:
 def _after_fork_in_child() -> None:
     for monitor in list(_live):
         with contextlib.suppress(Exception):  # a child must start whatever happens
-            monitor._after_fork_in_child()
+            monitor.after_fork_in_child()
 
 
 def _close_all() -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gradmon import GradmonError
-from gradmon.stats import Col, generic, reference, select_backend
+from gradmon.stats import Col, reference, select_backend
+from gradmon.stats import torch as torch_stats
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -43,9 +44,9 @@ def assert_partials_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_generic_matches_reference(dtype: torch.dtype) -> None:
+def test_torch_backend_matches_reference(dtype: torch.dtype) -> None:
     grads = _cases(dtype)
-    assert_partials_close(generic.compute_partials(grads), reference.compute_partials(grads))
+    assert_partials_close(torch_stats.compute_partials(grads), reference.compute_partials(grads))
 
 
 def test_reference_semantics() -> None:
@@ -59,18 +60,18 @@ def test_reference_semantics() -> None:
 
 def test_fp16_300_does_not_overflow() -> None:
     grads = [torch.full((1000,), 300.0, dtype=torch.float16)]
-    out = generic.compute_partials(grads)
+    out = torch_stats.compute_partials(grads)
     assert out[0, Col.SUM_SQ].item() == pytest.approx(1000 * 300.0**2)
 
 
 def test_empty_list() -> None:
-    assert generic.compute_partials([]).shape == (0, 8)
+    assert torch_stats.compute_partials([]).shape == (0, 8)
 
 
 def test_backend_switch() -> None:
     cpu = torch.device("cpu")
-    assert select_backend("torch", cpu, torch.float32) is generic.compute_partials
-    assert select_backend("auto", cpu, torch.complex64) is generic.compute_partials
+    assert select_backend("torch", cpu, torch.float32) is torch_stats.compute_partials
+    assert select_backend("auto", cpu, torch.complex64) is torch_stats.compute_partials
     with pytest.raises(GradmonError, match="collect.backend 'cpu'"):
         select_backend("cpu", cpu, torch.int32)
     try:

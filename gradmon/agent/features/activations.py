@@ -40,9 +40,9 @@ device than the table (a module moved after attach) takes a disabled eager call 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import re
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,13 +51,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradmon.config import CollectConfig
+from gradmon.agent.features import FeatureRows, Stage, Work
+from gradmon.agent.layers import ROOT_MODULE, name_filter, unwrap, warn_over_cap
+from gradmon.config import CollectConfig, Config
 from gradmon.errors import GradmonError
-from gradmon.snapshot import ActivationStats
-from gradmon.staging import Staged
-from gradmon.stats import Col
+from gradmon.snapshot import ActivationStats, Snapshot
+from gradmon.stats import Col, cpu_kernel, cpu_kernel_takes
+from gradmon.stats.torch import activation_row, dense_view, first_float_tensor
 
-__all__ = ["ActivationTracker", "activation_row", "first_float_tensor", "select_modules"]
+__all__ = ["ActivationFeature", "ActivationTracker", "select_modules"]
 
 log = logging.getLogger("gradmon")
 
@@ -67,73 +69,18 @@ NCOLS = 6
 # The C kernel's 8-column row -> the first five columns above.
 _FROM_KERNEL = torch.tensor([Col.SUM_SQ, Col.SUM, Col.ZERO_COUNT, Col.NAN_COUNT, Col.INF_COUNT])
 
-ToHost = Callable[[torch.Tensor], Staged]
-
-
-def dense_view(x: torch.Tensor) -> torch.Tensor:
-    """x with its dims permuted so that it is contiguous, where that is possible (a
-    transposed attention output): the statistics do not depend on the order of the
-    entries, and a flat view then costs no copy. Decided on strides (metadata) only."""
-    if x.is_contiguous():
-        return x
-    strides, sizes = x.stride(), x.size()
-    order = sorted(range(x.dim()), key=lambda d: (-strides[d], -sizes[d]))
-    permuted = x.permute(order)
-    return permuted if permuted.is_contiguous() else x
-
-
-def activation_row(x: torch.Tensor) -> torch.Tensor:
-    """[5] float64 on x's device: sum of squares and sum of the finite entries, zeros,
-    NaNs, Infs. Pure torch, no host sync, no branch on a value: dynamo can trace it."""
-    x = dense_view(x.detach()).reshape(-1)
-    if x.dtype != torch.float64:
-        x = x.float()  # fp16/bf16: no fp16 sum of squares (300**2 overflows it)
-    finite = torch.isfinite(x)
-    kept = torch.where(finite, x, 0.0)
-    # float64 accumulation without a float64 copy of the activation.
-    sum_sq = torch.linalg.vector_norm(kept, dtype=torch.float64).square()
-    total = kept.sum(dtype=torch.float64)
-    zeros = (x == 0).sum(dtype=torch.float64)
-    nans = torch.isnan(x).sum(dtype=torch.float64)
-    infs = torch.isinf(x).sum(dtype=torch.float64)
-    return torch.stack([sum_sq, total, zeros, nans, infs])
-
-
-def first_float_tensor(output: Any) -> torch.Tensor | None:
-    """The tensor a module's output is measured by: the output itself, or the first
-    floating-point strided tensor of a tuple/list output; None when there is none."""
-    items = (output,) if isinstance(output, torch.Tensor) else output
-    if not isinstance(items, tuple | list):
-        return None
-    for t in items:
-        if (
-            isinstance(t, torch.Tensor)
-            and t.is_floating_point()
-            and t.layout == torch.strided
-            and not t.is_nested
-            and t.device.type != "meta"
-        ):
-            return t
-    return None
-
-
 def select_modules(
     model: nn.Module, cfg: CollectConfig, root_name: str
 ) -> list[tuple[str, nn.Module]]:
     """The modules to hook, by name, in model order (see CollectConfig.activations_include)."""
-    include = re.compile(cfg.activations_include) if cfg.activations_include else None
-    exclude = re.compile(cfg.activations_exclude) if cfg.activations_exclude else None
+    wanted = name_filter(cfg.activations_include, cfg.activations_exclude)
     named = [(name or root_name, m) for name, m in model.named_modules()]
     chosen = []
     for name, module in named:
-        if include is None:
-            if next(module.children(), None) is not None:
-                continue  # a container: its leaves are hooked instead
-        elif not include.search(name):
-            continue
-        if exclude is not None and exclude.search(name):
-            continue
-        chosen.append((name, module))
+        if cfg.activations_include is None and next(module.children(), None) is not None:
+            continue  # a container: its leaves are hooked instead
+        if wanted(name):
+            chosen.append((name, module))
     if not chosen:
         raise GradmonError(
             f"attach(): collect.activations_include={cfg.activations_include!r} / "
@@ -151,27 +98,26 @@ def _home_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _cpu_kernel() -> Callable[[Sequence[torch.Tensor]], torch.Tensor] | None:
-    try:
-        from gradmon.stats import cpu
-    except ImportError:
-        return None
-    return cpu.compute_partials if cpu.available() else None
-
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 class ActivationTracker:
     """Forward hooks on the selected modules and the per-device tables they add into."""
 
-    def __init__(self, model: nn.Module, cfg: CollectConfig, root_name: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: CollectConfig,
+        root_name: str,
+        home: torch.device | None = None,  # the table's device: the model's by default
+    ) -> None:
         modules = select_modules(model, cfg, root_name)
         self.names = [name for name, _ in modules]
         self.armed = True  # set by the monitor: the next optimizer step is collected
         self.errors = 0  # failures in the hooks, counted in gradmon_agent_errors_total{hook}
-        self._kernel = _cpu_kernel() if cfg.backend != "torch" else None
-        home = _home_device(model)
+        self._use_kernel = cfg.backend != "torch"
+        # Forward order of this window: order[i] is 0 or the 1-based rank of module i's
+        # first eager call (a list store; compiled forwards leave it 0: model order then).
+        self.order = [0] * len(modules)
+        self._calls = 0
+        home = home if home is not None else _home_device(model)
         # Allocated before any forward, so a compiled forward writes into a graph input.
         self._home = torch.zeros((len(modules), NCOLS), dtype=torch.float64, device=home)
         self._tables: dict[torch.device, torch.Tensor] = {home: self._home}
@@ -191,10 +137,14 @@ class ActivationTracker:
         try:
             if torch._C._current_graph_task_id() != -1:
                 return  # a forward re-run inside backward (checkpointing): counted already
+            if not self.order[index]:
+                self._calls += 1
+                self.order[index] = self._calls
             x = dense_view(x.detach())
-            if self._kernel and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+            kernel = cpu_kernel() if self._use_kernel and cpu_kernel_takes(x) else None
+            if kernel is not None:
                 # Host memory: one pass of the C kernel over the data.
-                row = self._kernel([x])[0].index_select(0, _FROM_KERNEL)
+                row = kernel([x])[0].index_select(0, _FROM_KERNEL)
             else:
                 row = activation_row(x)
             table = self._tables.get(x.device)
@@ -226,14 +176,24 @@ class ActivationTracker:
         dst[NUMEL] += x.numel()
 
     # -------------------------------------------------------------- collection
-    def take(self, to_host: ToHost) -> list[Staged]:
-        """The window's tables on their way to the host (see Monitor._to_host); the tables
-        start over. Stream order puts the zeroing after the copy."""
-        parts = []
+    def take(self, stage: Stage) -> FeatureRows:
+        """The window's tables on their way to the host, each with the window's forward
+        order; the tables start over. Stream order puts the zeroing after the copy."""
+        order, self.order, self._calls = self.order, [0] * len(self.order), 0
+        parts: FeatureRows = []
         for table in self._tables.values():
-            parts.append(to_host(table.clone()))
+            parts.append((stage(table.clone()), order))
             table.zero_()
         return parts
+
+    def first_nonfinite(self, stats: dict[str, ActivationStats], order: list[int]) -> str | None:
+        """The first module in forward order whose output held NaN/Inf (modules the window
+        did not order, e.g. compiled forwards, come after, in model order)."""
+        bad = [i for i, n in enumerate(self.names) if n in stats and stats[n].nonfinite]
+        if not bad:
+            return None
+        first = min(bad, key=lambda i: (order[i] == 0, order[i], i))
+        return self.names[first]
 
     def finalize(self, parts: Sequence[torch.Tensor]) -> dict[str, ActivationStats]:
         """Per-module statistics from host tables; modules not run in the window are left out."""
@@ -292,3 +252,49 @@ def _make_hook(
             tracker.observe(index, x)
 
     return hook
+
+
+class ActivationFeature:
+    """ActivationTracker behind the features protocol."""
+
+    name = "activations"
+    post_step = False
+
+    def __init__(self, model: nn.Module, cfg: Config) -> None:
+        self.tracker = ActivationTracker(unwrap(model), cfg.collect, ROOT_MODULE)
+        self._exported = warn_over_cap(
+            "modules with activation statistics",
+            self.tracker.names,
+            cfg.exporter.max_layers,
+            "gradmon_activation_* series",
+        )
+
+    @property
+    def errors(self) -> int:
+        return self.tracker.errors
+
+    def on_step_counted(self, next_collected: bool) -> None:
+        self.tracker.armed = next_collected  # only the forwards before a collected step
+
+    def at_collection(self, stage: Stage, at_optimizer_step: bool) -> Work:
+        return Work(rows=self.tracker.take(stage))
+
+    def at_step_end(self, stage: Stage) -> FeatureRows:
+        return []
+
+    def finish(self, tables: list[tuple[torch.Tensor, Any]], snap: Snapshot) -> Snapshot:
+        if not tables:
+            return snap
+        acts = self.tracker.finalize([t for t, _ in tables])
+        origin = self.tracker.first_nonfinite(acts, tables[0][1])
+        # With activations, NaN/Inf is traced to the first module in forward order whose
+        # output held it; a fault only in the backward keeps the gradient's origin.
+        return dataclasses.replace(
+            snap, activations=acts, nonfinite_origin=origin or snap.nonfinite_origin
+        )
+
+    def export_fields(self) -> dict[str, Any]:
+        return {"activation_names": self._exported}
+
+    def remove(self) -> None:
+        self.tracker.remove()

@@ -1,0 +1,122 @@
+"""Gradients -> per-device partial tables: one backend call per (device, dtype) group.
+
+Each block is [rows, NCOLS + 1] float64 on the gradients' device: the partials (see
+stats/layout.py) and, in the last column, the parameter's squared norm. Nothing here
+syncs with the device. A group whose backend fails leaves only its own layers out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from gradmon.agent.gather import Gathered, GroupKey
+from gradmon.stats import NCOLS, Col, PartialsFn, partials_and_param_sum_squares, select_backend
+
+__all__ = ["Blocks", "PartialsCollector", "fill_implicit_zeros", "unscale_partials"]
+
+# Per device, the blocks to copy to the host together, each with the parameter positions
+# of its rows (None: the fused-AMP flag row, see steps.Steps.amp_row).
+Blocks = dict[torch.device, list[tuple[torch.Tensor, list[int] | None]]]
+
+
+def fill_implicit_zeros(partials: torch.Tensor, implicit: dict[int, int]) -> torch.Tensor:
+    """Rows of sparse grads: the entries missing from their values are zeros, counted in
+    ZERO_COUNT and taken into MIN/MAX (sums and abs-max are unchanged by zeros)."""
+    partials = partials.clone()
+    for row, zeros in implicit.items():
+        partials[row, Col.ZERO_COUNT] += zeros
+        partials[row, Col.MIN] = partials[row, Col.MIN].clamp(max=0.0)
+        partials[row, Col.MAX] = partials[row, Col.MAX].clamp(min=0.0)
+    return partials
+
+
+def unscale_partials(partials: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Partials of grad / scale from those of grad, on the partials' device, no host sync:
+    sum of squares times 1/s**2; sum, abs-max, min, max times 1/s; counts unchanged."""
+    if isinstance(scale, torch.Tensor):
+        inv: torch.Tensor | float = (
+            scale.detach()
+            .to(device=partials.device, dtype=torch.float64, non_blocking=True)
+            .reshape(())
+            .reciprocal()
+        )
+    else:
+        inv = 1.0 / float(scale)
+    factors = torch.ones(NCOLS, dtype=torch.float64, device=partials.device)
+    factors[Col.SUM_SQ : Col.MAX + 1] = inv  # a fill / device copy, not a host list
+    factors[Col.SUM_SQ] = inv * inv
+    return partials * factors
+
+
+BackendChooser = Callable[[str, torch.device, torch.dtype], PartialsFn]
+
+
+class PartialsCollector:
+    """Runs the configured backend over each group; backends are chosen once per group
+    (by `choose_backend`, default `select_backend`: where a failing kernel is injected)."""
+
+    def __init__(
+        self,
+        backend: str,
+        numels: list[int],
+        choose_backend: BackendChooser | None = None,
+    ) -> None:
+        self._backend_name = backend
+        self._numels = numels
+        self._choose = choose_backend
+        self._backends: dict[GroupKey, PartialsFn] = {}
+
+    def collect(
+        self,
+        gathered: Gathered,
+        guard: Callable[[str], AbstractContextManager[Any]],
+        grad_scale: torch.Tensor | float | None = None,
+    ) -> tuple[Blocks, set[int]]:
+        """The blocks per device, and the positions whose group failed (counted by
+        `guard("collect")`, left out of the snapshot rather than shown as zeros)."""
+        blocks: Blocks = {}
+        failed: set[int] = set()
+        for key, indices in gathered.groups.items():
+            failed.update(indices)
+            with guard("collect"):
+                block = self._group_block(key, indices, gathered, grad_scale)
+                blocks.setdefault(block.device, []).append((block, indices))
+                failed.difference_update(indices)
+        return blocks, failed
+
+    def _group_block(
+        self,
+        key: GroupKey,
+        indices: list[int],
+        gathered: Gathered,
+        grad_scale: torch.Tensor | float | None,
+    ) -> torch.Tensor:
+        backend = self._backends.get(key)
+        if backend is None:
+            # Looked up at call time: `select_backend` of this module is the seam for tests.
+            choose = self._choose or select_backend
+            backend = self._backends[key] = choose(self._backend_name, *key)  # type: ignore[arg-type]
+        grads = [gathered.grads[i] for i in indices]
+        partials, param_sq = partials_and_param_sum_squares(
+            backend, grads, [gathered.weights[i] for i in indices]
+        )
+        # Sparse grads: their values leave out the (implicit) zero entries.
+        implicit = dict(_implicit_zeros(indices, grads, self._numels))
+        if implicit:
+            partials = fill_implicit_zeros(partials, implicit)
+        if grad_scale is not None:
+            # A fused optimizer under a GradScaler sees scaled grads: unscale on the device.
+            partials = unscale_partials(partials, grad_scale)
+        return torch.cat([partials, param_sq.unsqueeze(1).to(partials.device)], dim=1)
+
+
+def _implicit_zeros(
+    indices: list[int], grads: list[torch.Tensor], numels: list[int]
+) -> Iterator[tuple[int, int]]:
+    for row, (i, g) in enumerate(zip(indices, grads, strict=True)):
+        if numels[i] != g.numel():
+            yield row, numels[i] - g.numel()

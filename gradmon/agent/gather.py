@@ -1,0 +1,150 @@
+"""The gradients of one collection: which are fresh, the views statistics are taken over,
+grouped by (device, dtype); what cannot be read is skipped, with its reason."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gradmon.agent import distributed
+from gradmon.agent.layers import LayerIndex, unwrap
+from gradmon.stats.torch import real_view
+
+__all__ = ["Gathered", "Gatherer", "grad_view"]
+
+log = logging.getLogger("gradmon")
+
+GroupKey = tuple[torch.device, torch.dtype]
+
+
+def grad_view(grad: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+    """The dense real tensor the statistics are taken over, or (None, why not).
+
+    - sparse COO (`nn.Embedding(sparse=True)`): the values of the coalesced grad; the
+      entries it leaves out are zeros, added back by collect.fill_implicit_zeros.
+    - complex: `real_view`.
+    """
+    if grad.device.type == "meta":
+        return None, "its gradient is on the meta device (no data)"
+    if grad.layout == torch.sparse_coo:
+        grad = grad.coalesce().values()
+    elif grad.layout != torch.strided:
+        return None, f"gradient layout {grad.layout} is not supported (strided or sparse_coo)"
+    if grad.is_complex():
+        return real_view(grad), None
+    if not grad.is_floating_point():
+        return None, f"gradient dtype {grad.dtype} is neither floating point nor complex"
+    return grad, None
+
+
+@dataclass
+class Gathered:
+    """One collection's inputs, by parameter position."""
+
+    fresh: list[bool]  # received a gradient since the last collection (and readable)
+    arrival: list[int]  # backward order of arrival: 0 = none noted by the hooks
+    grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    groups: dict[GroupKey, list[int]] = field(default_factory=dict)
+
+    def by_layer(self, index: LayerIndex) -> dict[str, list[torch.Tensor]]:
+        """The gradients per layer name (for the sinks' histograms)."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for members in self.groups.values():
+            for i in members:
+                out.setdefault(index.layer_of_param(i), []).append(self.grads[i])
+        return out
+
+
+class Gatherer:
+    """Finds this collection's gradients. `skip(name, reason)` is told of a parameter
+    gradmon cannot read (or that was added to the optimizer after attach)."""
+
+    def __init__(
+        self,
+        index: LayerIndex,
+        skip: Callable[[str, str], None],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:
+        self._index = index
+        self._skip = skip
+        self.skipped_positions: set[int] = set()  # monitored parameters left out later
+        self._last_grad: list[tuple[int, int] | None] = [None] * len(index.param_refs)
+        self._warned_gone = False
+        self._model_ref = weakref.ref(model)  # weak: the monitor never keeps them alive
+        self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else None
+        self._opt_param_ids: set[int] = set()
+        self._opt_param_count = 0
+        if optimizer is not None:
+            self._opt_param_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            self._opt_param_count = _param_count(optimizer)
+
+    def gather(self, arrival: list[int]) -> Gathered:
+        self._check_new_parameters()
+        fresh = self._fresh(arrival)
+        out = Gathered(fresh=fresh, arrival=arrival)
+        local = distributed.local_tensor  # a DTensor's shard on this rank; else the tensor
+        gone = 0
+        for i, ref in enumerate(self._index.param_refs):
+            p = ref()
+            gone += p is None
+            if not (fresh[i] and p is not None and p.grad is not None):
+                continue
+            g, reason = grad_view(local(p.grad))
+            if g is None:
+                self._skip(self._index.param_names[i], str(reason))
+                self.skipped_positions.add(i)
+                fresh[i] = False  # skipped, with its reason: published as no gradient
+                continue
+            out.grads[i] = g
+            out.weights[i] = real_view(local(p).detach())
+            out.groups.setdefault((g.device, g.dtype), []).append(i)
+        if gone and not self._warned_gone:
+            self._warned_gone = True
+            log.warning(
+                "gradmon: %d of the %d monitored parameters no longer exist: the model's "
+                "parameters were replaced after attach() (fully_shard, to_empty, "
+                "load_state_dict(assign=True)?); attach after wrapping/sharding the model",
+                gone,
+                len(self._index.param_refs),
+            )
+        return out
+
+    def _fresh(self, arrival: list[int]) -> list[bool]:
+        """Which parameters received a gradient since the last collection. The hooks are
+        the main signal; a changed grad tensor or version counter catches grads written
+        without autograd's accumulation (sharded or manually set grads)."""
+        fresh = []
+        for i, ref in enumerate(self._index.param_refs):
+            p = ref()
+            g = None if p is None else p.grad
+            key = None if g is None else (id(g), g._version)
+            fresh.append(g is not None and (bool(arrival[i]) or key != self._last_grad[i]))
+            self._last_grad[i] = key
+        return fresh
+
+    def _check_new_parameters(self) -> None:
+        """Parameters added to the optimizer after attach() get no hooks and are not
+        monitored: say so once per parameter (a cheap length check per collection)."""
+        optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
+        if optimizer is None or _param_count(optimizer) == self._opt_param_count:
+            return
+        self._opt_param_count = _param_count(optimizer)
+        model = self._model_ref()
+        names = {id(p): n for n, p in unwrap(model).named_parameters()} if model else {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._opt_param_ids:
+                    self._opt_param_ids.add(id(p))
+                    name = names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+                    self._skip(name, "added after attach() (attach again to monitor it)")
+
+
+def _param_count(optimizer: torch.optim.Optimizer) -> int:
+    return sum(len(group["params"]) for group in optimizer.param_groups)

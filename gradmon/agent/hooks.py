@@ -1,0 +1,265 @@
+"""The agent's hooks on torch objects: gradients, the optimizer's step, GradScaler.update.
+
+Hooks hold their monitor weakly and call only its hook protocol (`StepListener`); they
+never keep a model or monitor alive.
+
+- Gradient hooks (post-accumulate-grad) note the order in which parameters received a
+  gradient in this step: a list store, nothing else.
+- Step hooks: a compiled `optimizer.step()` calls them as an opaque leaf function (no
+  graph break) where torch has `torch._dynamo.decorators.leaf_function`; they reach their
+  monitor through an int key, which dynamo can guard on, not through a closure.
+- Removal: torch iterates the optimizer's step hooks in Python, so they cannot be removed
+  while any thread is inside an optimizer step; then they stay (inert) and go at the next
+  backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import sys
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["GradArrivals", "StepListener", "TorchHooks", "watch_scaler"]
+
+
+class StepListener(Protocol):
+    """What the hooks call on their monitor."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def on_optimizer_step(self, optimizer: Any) -> None: ...
+
+    def on_optimizer_step_post(self) -> None: ...
+
+    def on_scaler_update(self, scaler: Any) -> None: ...
+
+
+class GradArrivals:
+    """Which parameters received a gradient since the last collection, and in what order:
+    `order[i]` is 0 (none yet) or the 1-based rank of parameter i's first arrival."""
+
+    def __init__(self, count: int) -> None:
+        self.order = [0] * count
+        self._next = itertools.count(1)
+
+    def arrived(self, index: int) -> None:
+        if not self.order[index]:
+            self.order[index] = next(self._next)
+
+    def take(self) -> list[int]:
+        """This collection's arrival order; the next one starts afresh."""
+        order = list(self.order)
+        for i in range(len(self.order)):
+            self.order[i] = 0
+        self._next = itertools.count(1)
+        return order
+
+
+# torch.compile: the step hook reaches its monitor through a key (an int, which dynamo
+# can guard on), not through a closure it would have to trace.
+_LISTENERS: dict[int, weakref.ref[StepListener]] = {}
+_keys = itertools.count(1)
+
+
+def _step_hook_by_key(key: int, post: bool = False) -> None:
+    ref = _LISTENERS.get(key)
+    listener = ref() if ref is not None else None
+    if listener is None or listener.closed:
+        return
+    if post:
+        listener.on_optimizer_step_post()
+    else:
+        listener.on_optimizer_step(None)
+
+
+@functools.cache
+def _compiled_step_hook(post: bool = False) -> Callable[[int], None]:
+    """The step (pre or post) hook as torch.compile runs it: a leaf function (an opaque
+    call in the graph, run eagerly at runtime: no graph break), or where this torch has no
+    `leaf_function`, a `torch.compiler.disable`d call (correct, with a graph break)."""
+    try:
+        from torch._dynamo.decorators import leaf_function
+    except ImportError:
+        fallback: Callable[[int], None] = torch.compiler.disable(  # type: ignore[no-untyped-call]
+            functools.partial(_step_hook_by_key, post=post)
+        )
+        return fallback
+
+    def gradmon_step_hook(key: int) -> None:
+        _step_hook_by_key(key, post)
+
+    if post:  # a name of its own: the leaf is an op named after the function
+        gradmon_step_hook.__name__ = gradmon_step_hook.__qualname__ = "gradmon_step_post_hook"
+    leaf = leaf_function(gradmon_step_hook)
+
+    @leaf.register_fake  # type: ignore[attr-defined,untyped-decorator]
+    def _fake(key: int) -> None:
+        return None
+
+    hook: Callable[[int], None] = leaf
+    return hook
+
+
+_OPTIMIZER_FILE = os.path.join("torch", "optim", "optimizer.py")
+
+
+def _inside_optimizer_step() -> bool:
+    """Whether any thread is inside Optimizer.step's hook-calling wrapper right now."""
+    for frame in sys._current_frames().values():
+        f: Any = frame
+        while f is not None:
+            code = f.f_code
+            if code.co_name == "wrapper" and code.co_filename.endswith(_OPTIMIZER_FILE):
+                return True
+            f = f.f_back
+    return False
+
+
+def _remove_at_next_backward(
+    param_refs: Sequence[weakref.ref[nn.Parameter]], handles: list[RemovableHandle]
+) -> None:
+    """Remove `handles` from the first gradient accumulated after this (a backward runs
+    outside any optimizer step), then remove that one-shot hook itself."""
+    params = (ref() for ref in param_refs)
+    param = next((p for p in params if p is not None and p.requires_grad), None)
+    if param is None:
+        return  # no backward will come: they stay, inert, as long as the optimizer lives
+    own: list[RemovableHandle] = []
+
+    def remove(_param: torch.Tensor) -> None:
+        for handle in (*handles, *own):
+            handle.remove()
+        handles.clear()
+        own.clear()
+
+    own.append(param.register_post_accumulate_grad_hook(remove))  # type: ignore[no-untyped-call]
+
+
+def watch_scaler(scaler: Any, listener: StepListener) -> Callable[[], None]:
+    """Call `listener.on_scaler_update(scaler)` before every `scaler.update()`.
+
+    One wrapper per scaler, shared by every monitor watching it (several optimizers, one
+    scaler); returns the function that stops watching, which restores `scaler.update`
+    when the last monitor leaves.
+    """
+    update = scaler.__dict__.get("update")
+    listeners: list[weakref.ref[StepListener]] | None = getattr(update, "_gradmon_monitors", None)
+    if listeners is None:
+        original = scaler.update
+        watching: list[weakref.ref[StepListener]] = []
+
+        def wrapped(new_scale: Any = None) -> Any:
+            for ref in list(watching):
+                target = ref()
+                if target is not None and not target.closed:
+                    target.on_scaler_update(scaler)
+            return original(new_scale)
+
+        wrapped._gradmon_monitors = watching  # type: ignore[attr-defined]
+        scaler.update = wrapped
+        update, listeners = wrapped, watching
+    ref = weakref.ref(listener)
+    listeners.append(ref)
+
+    def unwatch() -> None:
+        if ref in listeners:
+            listeners.remove(ref)
+        if not listeners and scaler.__dict__.get("update") is update:
+            del scaler.update
+
+    return unwatch
+
+
+class TorchHooks:
+    """Every hook one monitor installs, and their removal."""
+
+    def __init__(
+        self,
+        listener: StepListener,
+        param_refs: Sequence[weakref.ref[nn.Parameter]],
+        arrivals: GradArrivals,
+        optimizer: torch.optim.Optimizer | None,
+        scaler: Any,
+        *,
+        post_step: bool,
+    ) -> None:
+        self._param_refs = param_refs
+        self._handles: list[RemovableHandle] = []
+        self._step_handles: list[RemovableHandle] = []
+        self._key: int | None = None
+        self._unwatch_scaler: Callable[[], None] | None = None
+        arrived = arrivals.arrived
+        for index, ref in enumerate(param_refs):
+            param = ref()
+            assert param is not None  # alive: the caller holds the parameters at attach
+
+            def on_grad(_param: torch.Tensor, index: int = index) -> None:
+                arrived(index)  # once per parameter per backward: a list store
+
+            self._handles.append(param.register_post_accumulate_grad_hook(on_grad))  # type: ignore[no-untyped-call]
+        if optimizer is not None:
+            self._install_step_hooks(listener, optimizer, post_step)
+        if scaler is not None:
+            self._unwatch_scaler = watch_scaler(scaler, listener)
+
+    def _install_step_hooks(
+        self, listener: StepListener, optimizer: torch.optim.Optimizer, post_step: bool
+    ) -> None:
+        me = weakref.ref(listener)
+        key = self._key = next(_keys)
+        _LISTENERS[key] = me
+        compiled_pre = _compiled_step_hook()
+
+        def on_step(opt: Any, _args: Any, _kwargs: Any) -> None:
+            if torch.compiler.is_compiling():
+                # Traced by dynamo (a compiled optimizer step): an opaque call that runs
+                # the eager branch's work at runtime, with no graph break.
+                compiled_pre(key)
+                return
+            target = me()
+            if target is not None and not target.closed:
+                target.on_optimizer_step(opt)
+
+        self._step_handles.append(optimizer.register_step_pre_hook(on_step))
+        if not post_step:  # only when a feature needs it: no post-hook cost otherwise
+            return
+        compiled_post = _compiled_step_hook(post=True)
+
+        def on_step_post(opt: Any, _args: Any, _kwargs: Any) -> None:
+            if torch.compiler.is_compiling():
+                compiled_post(key)  # as on_step: an opaque leaf call
+                return
+            target = me()
+            if target is not None and not target.closed:
+                target.on_optimizer_step_post()
+
+        self._step_handles.append(optimizer.register_step_post_hook(on_step_post))
+
+    def remove(self) -> None:
+        """Remove every hook. Tensor hooks go at once (torch tolerates their removal while
+        it runs them); step hooks go at the next backward if a step is running now, since
+        removing one there raises "OrderedDict mutated during iteration" in that step."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._step_handles and _inside_optimizer_step():
+            _remove_at_next_backward(self._param_refs, list(self._step_handles))
+        else:
+            for handle in self._step_handles:
+                handle.remove()
+        self._step_handles.clear()
+        if self._key is not None:
+            _LISTENERS.pop(self._key, None)
+            self._key = None
+        if self._unwatch_scaler is not None:
+            self._unwatch_scaler()
+            self._unwatch_scaler = None
