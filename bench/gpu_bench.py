@@ -44,7 +44,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import gradmon
-from gradmon.stats import torch as torch_stats, param_sum_squares
+from gradmon.stats import param_sum_squares
+from gradmon.stats import torch as torch_stats
 
 TARGETS = {
     "stats_vs_copy_read_bw_min": 0.8,

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 import gradmon
-from gradmon.bench import ReferenceModel, _interleaved
 from gradmon.agent.features.update_ratio import UpdateRatio
+from gradmon.bench import ReferenceModel, _interleaved
 
 VARIANTS: dict[str, int | None] = {"no agent": None, "off": 0, "every 10": 10, "every 1": 1}
 

@@ -3,9 +3,9 @@
 mon = gradmon.attach(model, optimizer)   # that's all; /metrics on 127.0.0.1:9400
 """
 
+from gradmon.agent.monitor import Monitor, attach
 from gradmon.config import Config
 from gradmon.errors import GradmonError
-from gradmon.agent.monitor import Monitor, attach
 from gradmon.snapshot import LayerStats, Snapshot
 from gradmon.version import __version__
 

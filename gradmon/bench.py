@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 import gradmon
-from gradmon.stats import torch as torch_stats, select_backend
+from gradmon.stats import select_backend
+from gradmon.stats import torch as torch_stats
 
 
 class ReferenceModel(nn.Module):

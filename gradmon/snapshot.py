@@ -40,9 +40,9 @@ class LayerStats:
 @dataclass(frozen=True, slots=True)
 class ActivationStats:
     """One module's forward output over the forwards before one collected step (opt-in:
-    `collect.activations`; see gradmon/agent/features/activations.py). Several forwards (micro-batches of
-    gradient accumulation, a module called twice) add up. Magnitudes are over finite
-    entries only; NaN/Inf entries are counted, never dropped silently."""
+    `collect.activations`; see gradmon/agent/features/activations.py). Several forwards
+    (micro-batches of gradient accumulation, a module called twice) add up. Magnitudes
+    are over finite entries only; NaN/Inf entries are counted, never dropped silently."""
 
     numel: int  # entries seen, over every forward of the window
     rms: float  # sqrt(sum of squares / finite entries)

@@ -17,8 +17,8 @@ import gradmon
 from gradmon.agent.collect import unscale_partials as _unscale_partials
 from gradmon.stats import Col, reference
 
-from .conftest import SmallNet
 from . import readings
+from .conftest import SmallNet
 
 NO_SERVER = {"exporter": {"enabled": False}}
 SCALE = 2.0**10
@@ -133,8 +133,16 @@ def test_several_optimizers_share_one_scaler() -> None:
         for opt in stepped:
             scaler.step(opt)
         scaler.update()
-    assert (readings.steps(mon_body), readings.skipped_steps(mon_body), readings.nonfinite_steps(mon_body)) == (3, 0, 0)
-    assert (readings.steps(mon_head), readings.skipped_steps(mon_head), readings.nonfinite_steps(mon_head)) == (2, 1, 1)
+    assert (
+        readings.steps(mon_body),
+        readings.skipped_steps(mon_body),
+        readings.nonfinite_steps(mon_body),
+    ) == (3, 0, 0)
+    assert (
+        readings.steps(mon_head),
+        readings.skipped_steps(mon_head),
+        readings.nonfinite_steps(mon_head),
+    ) == (2, 1, 1)
     snap = mon_head.snapshot()
     assert snap is not None and snap.skipped and snap.layers["out.weight"].inf_count == 1
     mon_body.close()

@@ -18,8 +18,8 @@ from torch import nn
 import gradmon
 from gradmon.stats import Col, reference
 
-from .conftest import SmallNet
 from . import readings
+from .conftest import SmallNet
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402

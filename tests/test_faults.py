@@ -157,7 +157,9 @@ def test_stats_backend_fault_leaves_other_groups(
         return partials
 
     monkeypatch.setattr(cpu, "compute_partials", failing_on_float64(cpu.compute_partials))
-    monkeypatch.setattr(torch_stats, "compute_partials", failing_on_float64(torch_stats.compute_partials))
+    monkeypatch.setattr(
+        torch_stats, "compute_partials", failing_on_float64(torch_stats.compute_partials)
+    )
     mon, got = train_monitored(model, {**SERVED, "collect": {**MODULES, "backend": backend}})
     with mon:
         assert got == want

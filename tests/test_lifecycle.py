@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 import gradmon
 from gradmon.stats import Col, reference
 from tests.conftest import SmallNet, train_step
+
 from . import readings
 
 SERVED = {"exporter": {"port": 0}}

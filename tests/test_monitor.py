@@ -12,13 +12,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradmon
+from gradmon import GradmonError
 from gradmon.agent import collect as agent_collect
 from gradmon.agent import monitor as agent_monitor
-from gradmon import GradmonError
 from gradmon.stats import Col, reference
 
-from .conftest import SmallNet, train_step
 from . import readings
+from .conftest import SmallNet, train_step
 
 NO_SERVER = {"exporter": {"enabled": False}}
 
@@ -314,7 +314,11 @@ def test_collect_skipped_counts_a_skipped_step(net: SmallNet) -> None:
         train_step(net, opt)
         snap = mon.snapshot()
         assert snap is not None and snap.step == 2
-        assert (readings.steps(mon), readings.skipped_steps(mon), readings.collections(mon)) == (3, 1, 3)
+        assert (readings.steps(mon), readings.skipped_steps(mon), readings.collections(mon)) == (
+            3,
+            1,
+            3,
+        )
 
 
 class RecordingSink:

@@ -27,6 +27,7 @@ from gradmon.sinks.tensorboard import (
 )
 from gradmon.snapshot import ANOMALY_KINDS, Snapshot
 from tests.conftest import SmallNet
+
 from . import readings
 
 NO_SERVER: dict[str, Any] = {"exporter": {"enabled": False}}

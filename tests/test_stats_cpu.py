@@ -324,9 +324,9 @@ def test_partials_and_param_norms_in_one_call_match_float64(dtype: torch.dtype) 
     """The C kernel reads the weights with the gradients (one call): the weights' squared
     norms equal a float64 reference, the gradient partials are those of the gradients
     alone, and a non-CPU-kernel backend takes the two separate paths."""
+    from gradmon.stats import param_sum_squares as foreach_path
     from gradmon.stats import partials_and_param_sum_squares
     from gradmon.stats import torch as torch_stats
-    from gradmon.stats import param_sum_squares as foreach_path
 
     gen = torch.Generator().manual_seed(3)
     shapes = [(1,), (65537,), (7, 13), (0,), (300, 257)]

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from gradmon import GradmonError
-from gradmon.stats import torch as torch_stats, select_backend
+from gradmon.stats import select_backend
+from gradmon.stats import torch as torch_stats
 from gradmon.stats.layout import NCOLS, Col
 
 from .oracle import EXACT_COLS, assert_matches_reference

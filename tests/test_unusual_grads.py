@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import gradmon
-from gradmon.agent import gather
 from gradmon import GradmonError
+from gradmon.agent import gather
 from gradmon.stats import Col, reference
 
 from . import readings

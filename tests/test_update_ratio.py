@@ -17,9 +17,9 @@ from torch import nn
 
 import gradmon
 
+from . import readings
 from .conftest import SmallNet
 from .test_exporter import samples, scrape
-from . import readings
 
 NO_SERVER = {"exporter": {"enabled": False}}
 Weights = dict[str, torch.Tensor]

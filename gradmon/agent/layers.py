@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gradmon.agent import distributed
-from gradmon.config import Config, CollectConfig
+from gradmon.config import CollectConfig, Config
 from gradmon.errors import GradmonError
 
 __all__ = [
@@ -68,8 +68,8 @@ def name_filter(include: str | None, exclude: str | None) -> Callable[[str], boo
     """`include`/`exclude` regexes (searched, not matched) as one predicate on a name."""
     inc = re.compile(include) if include else None
     exc = re.compile(exclude) if exclude else None
-    return lambda name: (inc is None or bool(inc.search(name))) and not (
-        exc is not None and exc.search(name)
+    return lambda name: (
+        (inc is None or bool(inc.search(name))) and not (exc is not None and exc.search(name))
     )
 
 

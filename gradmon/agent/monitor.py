@@ -40,8 +40,8 @@ from gradmon.agent.steps import Steps
 from gradmon.config import Config, load_config
 from gradmon.errors import GradmonError
 from gradmon.exporter import ExportState, GradmonCollector, RankLabelled, scalar_value
-from gradmon.server import MetricsServer
 from gradmon.health import HealthRules
+from gradmon.server import MetricsServer
 from gradmon.sinks import Sink, build_sinks
 from gradmon.snapshot import Anomaly, Snapshot
 from gradmon.version import __version__
@@ -169,9 +169,7 @@ class Monitor:
         """Before `scaler.update()`: a step the scaler skipped never reached our step hook,
         so it is counted here and its (unscaled, non-finite) grads are collected."""
         with self._hook_lock, self._counters.guard("scaler"):
-            if self._closed or not self._steps.skipped_at_scaler_update(
-                scaler, self._optimizer()
-            ):
+            if self._closed or not self._steps.skipped_at_scaler_update(scaler, self._optimizer()):
                 return
             step, due = self._advance()
             self._steps.skipped += 1

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from gradmon.config import Config, load_config
 from gradmon.agent.monitor import Monitor, attach
+from gradmon.config import Config, load_config
 
 try:
     from lightning.pytorch import Callback

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradmon.agent.monitor import Monitor, attach
 from gradmon.config import Config, load_config
 from gradmon.errors import GradmonError
-from gradmon.agent.monitor import Monitor, attach
 
 try:
     from transformers import TrainerCallback

@@ -54,7 +54,9 @@ def cpu_kernel_takes(t: _torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _CPU_DTYPES and cpu_kernel() is not None
 
 
-def _load_triton_backend(device: _torch.device, dtype: _torch.dtype) -> tuple[PartialsFn | None, str]:
+def _load_triton_backend(
+    device: _torch.device, dtype: _torch.dtype
+) -> tuple[PartialsFn | None, str]:
     """The Triton kernel for this group, or None and why not. Imports triton lazily."""
     try:
         from gradmon.stats import triton as triton_backend

@@ -69,6 +69,7 @@ NCOLS = 6
 # The C kernel's 8-column row -> the first five columns above.
 _FROM_KERNEL = torch.tensor([Col.SUM_SQ, Col.SUM, Col.ZERO_COUNT, Col.NAN_COUNT, Col.INF_COUNT])
 
+
 def select_modules(
     model: nn.Module, cfg: CollectConfig, root_name: str
 ) -> list[tuple[str, nn.Module]]:

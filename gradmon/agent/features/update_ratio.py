@@ -27,13 +27,12 @@ Complex weights count their real and imaginary parts (the complex L2 norm).
 
 from __future__ import annotations
 
+import dataclasses
+import logging as _logging
 import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import dataclasses
-import logging as _logging
 from typing import Any
 
 import torch
@@ -253,7 +252,9 @@ class UpdateRatioFeature:
         if not every or optimizer is None:
             return None
         max_bytes = cfg.collect.update_ratio_max_bytes
-        return cls(UpdateRatio(every, max_bytes, index.layer_names, index.members, index.param_refs))
+        return cls(
+            UpdateRatio(every, max_bytes, index.layer_names, index.members, index.param_refs)
+        )
 
     def on_step_counted(self, next_collected: bool) -> None:
         pass
