@@ -24,8 +24,7 @@ from torch import nn
 
 import gradmon
 from gradmon import exporter
-from gradmon.agent import gather, publish, steps
-from gradmon.agent import monitor as monitor_module
+from gradmon.agent import exposure, gather, publish, steps
 from gradmon.exporter import AGENT_STAGES
 from gradmon.sinks.record import RecordSink
 from gradmon.stats import Col, cpu, reference
@@ -273,7 +272,7 @@ def test_export_fault_in_a_value_serves_the_rest(
     def broken(value: object) -> float:
         raise RuntimeError("injected scalar read fault")
 
-    monkeypatch.setattr(monitor_module, "scalar_value", broken)
+    monkeypatch.setattr(exposure, "scalar_value", broken)
     mon, got = train_monitored(model, SERVED)
     with mon:
         mon.log(loss=torch.tensor(got[-1]))

@@ -1,0 +1,131 @@
+"""What /metrics shows of one monitor: its registry, the gradmon collector, the server.
+
+The collector gets an `ExportState` built here from the parts' public state (counters,
+steps, layers, features) on the scrape thread; it never reaches into the monitor.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+from gradmon.agent import distributed
+from gradmon.agent.counters import Counters
+from gradmon.agent.features import Feature
+from gradmon.agent.layers import LayerIndex
+from gradmon.agent.steps import Steps
+from gradmon.config import Config
+from gradmon.exporter import ExportState, GradmonCollector, RankLabelled, scalar_value
+from gradmon.server import MetricsServer
+from gradmon.version import __version__
+
+__all__ = ["Exposure", "Sources"]
+
+
+@dataclass
+class Sources:
+    """The state one monitor exposes."""
+
+    run_id: str
+    counters: Counters
+    steps: Steps
+    index: LayerIndex
+    features: Sequence[Feature]
+    scaler: Any  # a GradScaler, or None: its scale is read at scrape time
+
+
+class Exposure:
+    def __init__(self, cfg: Config, sources: Sources, registry: CollectorRegistry | None) -> None:
+        self._cfg = cfg.exporter
+        self._src = sources
+        self._rank: int | None = None  # read lazily: the group may be initialised later
+        self._own_registry = registry is None
+        self.registry = registry if registry is not None else _default_registry(self)
+        on_error = functools.partial(sources.counters.count_error, "export")
+        self._collector = GradmonCollector(self.export_state, on_error)
+        self.registry.register(self._collector)
+        self.server: MetricsServer | None = None
+        if self._cfg.enabled:
+            port = distributed.metrics_port(self._cfg.port)
+            render = functools.partial(self._collector.exposition, self.registry)
+            self.server = MetricsServer(
+                self._cfg, port, self.registry, on_error=on_error, render=render
+            )
+
+    def rank(self) -> int | None:
+        """The rank label; looked up until a process group of several ranks exists."""
+        if self._rank is None:
+            self._rank = distributed.rank_label()
+        return self._rank
+
+    def exports_layers(self, rank: int | None) -> bool:
+        """Whether this rank exports the per-layer families (exporter.per_layer_ranks)."""
+        cfg = self._cfg
+        if not cfg.per_layer:
+            return False
+        if rank is None or rank == 0 or cfg.per_layer_ranks == "all":
+            return True
+        # auto: replicated grads (DDP) are the same on every rank, rank 0 speaks for all;
+        # sharded ones (FSDP) are additive partials, every rank exports its own.
+        return cfg.per_layer_ranks == "auto" and self._src.index.sharded
+
+    def export_state(self) -> ExportState:
+        src = self._src
+        rank = self.rank()
+        extra: dict[str, Any] = {}
+        for feature in src.features:
+            extra.update(feature.export_fields())
+        state = src.counters.export_state(
+            version=__version__,
+            run_id=src.run_id,
+            rank=rank,
+            steps_total=src.steps.total,
+            skipped_steps_total=src.steps.skipped_total,
+            layer_names=src.index.exported,
+            per_layer=self.exports_layers(rank),
+            **extra,
+        )
+        state.errors_total["hook"] += sum(f.errors for f in src.features)
+        # Tensor scalars and the loss scale are read here, on the scrape thread: on CUDA
+        # that read waits for the GPU on this thread only, never on the training thread.
+        with src.counters.guard("export"):
+            scalars = src.counters.current_scalars()
+            state.scalars = {k: scalar_value(v) for k, v in scalars.items()}
+            if src.scaler is not None:
+                state.loss_scale = float(src.scaler.get_scale())
+        return state
+
+    def close(self) -> None:
+        """Stop the server. A registry of the user's own stops showing this monitor; ours
+        keeps its final values readable (Monitor.registry) after close()."""
+        if self.server is not None:
+            self.server.close()
+        if not self._own_registry:
+            with suppress(KeyError):
+                self.registry.unregister(self._collector)
+
+    def close_in_child(self) -> None:
+        """In a forked child: close only this process's copy of the listening socket."""
+        if self.server is not None:
+            self.server.close_in_child()
+
+
+def _default_registry(exposure: Exposure) -> CollectorRegistry:
+    """A registry of the monitor's own, so attach/close/attach never collides on names.
+    The process and platform series get `rank` too under several ranks."""
+    registry = CollectorRegistry(auto_describe=False)
+    me = weakref.ref(exposure)  # the registry must not keep it alive
+
+    def rank() -> int | None:
+        target = me()
+        return target.rank() if target is not None else None
+
+    registry.register(RankLabelled(ProcessCollector(registry=None), rank))
+    registry.register(RankLabelled(PlatformCollector(registry=None), rank))
+    return registry
