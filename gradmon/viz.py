@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from gradmon.errors import GradmonError
-from gradmon.snapshot import ANOMALY_KINDS, LayerStats, Snapshot
+from gradmon.snapshot import ANOMALY_KINDS, LayerStats, Snapshot, finalize_layer
+from gradmon.stats import reference
+from gradmon.stats.torch import first_float_tensor, real_view
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -223,36 +225,20 @@ def _edges(x: Any) -> Any:
 
 # ------------------------------------------------------------------- one step
 def _stats_from_model(model: nn.Module) -> dict[str, LayerStats | None]:
-    """Per-parameter statistics of the current `.grad`s (None: no grad). Host-side: this
-    syncs, which is fine for a picture."""
+    """Per-parameter statistics of the current `.grad`s (None: no grad), from the float64
+    reference partials (gradmon.stats.reference). Host-side: this syncs, which is fine
+    for a picture."""
     out: dict[str, LayerStats | None] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            g = p.grad
-            if g is None:
+            if p.grad is None:
                 out[name] = None
                 continue
-            g = g.detach()
-            if g.is_sparse:
-                g = g.to_dense()
-            nan = int(torch.isnan(g).sum())
-            inf = int(torch.isinf(g).sum())
-            finite = g[torch.isfinite(g)].to(torch.float64)
-            n = finite.numel()
-            norm = float(torch.linalg.vector_norm(finite)) if n else 0.0
-            out[name] = LayerStats(
-                numel=g.numel(),
-                norm=norm,
-                rms=norm / math.sqrt(n) if n else 0.0,
-                abs_max=float(finite.abs().max()) if n else 0.0,
-                mean=float(finite.mean()) if n else 0.0,
-                min=float(finite.min()) if n else math.nan,
-                max=float(finite.max()) if n else math.nan,
-                zero_ratio=float((g == 0).sum()) / g.numel() if g.numel() else 0.0,
-                nan_count=nan,
-                inf_count=inf,
-                param_norm=float(torch.linalg.vector_norm(p.detach().to(torch.float64))),
-            )
+            g = real_view(p.grad.detach())
+            g = g.to_dense() if g.is_sparse else g
+            w = real_view(p.detach()).to(torch.float64)
+            row = reference.tensor_partials(g)
+            out[name] = finalize_layer(row, g.numel(), float(w.square().sum()))
     return out
 
 
@@ -368,16 +354,6 @@ def _resolve_module(model: nn.Module, module_name: str) -> nn.Module:
     )
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, list | tuple):
-        for item in output:
-            if isinstance(item, torch.Tensor):
-                return item
-    return None
-
-
 def _total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference between neighbours along the last two (spatial) dims."""
     tv = (x[..., 1:] - x[..., :-1]).abs().mean()
@@ -431,7 +407,7 @@ def maximize_activation(
     captured: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        captured.append(_first_tensor(output))  # type: ignore[arg-type]
+        captured.append(first_float_tensor(output))  # type: ignore[arg-type]
 
     was_training = model.training
     frozen = [(p, p.requires_grad) for p in model.parameters()]

@@ -111,17 +111,7 @@ class UpdateRatio:
         used: dict[torch.device, int] = {}
         self.too_large = {}
         for layer, members in enumerate(self._members):
-            need: dict[torch.device, int] = {}
-            tensors = []
-            for i in members:
-                p = self._refs[i]()
-                if p is None:
-                    continue
-                w = _weight(p)
-                if w.numel() == 0:  # an empty FSDP shard: nothing to measure on this rank
-                    continue
-                tensors.append((i, w))
-                need[w.device] = need.get(w.device, 0) + _aligned(w.numel() * w.element_size())
+            tensors, need = self._layer_weights(members)
             if not tensors:
                 continue
             if max(need.values()) > self.max_bytes:
@@ -153,6 +143,23 @@ class UpdateRatio:
                 sizes[s.device] = max(sizes.get(s.device, 0), end)
         self._buffers = {d: torch.empty(n, dtype=torch.uint8, device=d) for d, n in sizes.items()}
         return chunks
+
+    def _layer_weights(
+        self, members: Sequence[int]
+    ) -> tuple[list[tuple[int, torch.Tensor]], dict[torch.device, int]]:
+        """A layer's weights to measure on this rank, and the bytes they need per device."""
+        need: dict[torch.device, int] = {}
+        tensors = []
+        for i in members:
+            p = self._refs[i]()
+            if p is None:
+                continue
+            w = _weight(p)
+            if w.numel() == 0:  # an empty FSDP shard: nothing to measure on this rank
+                continue
+            tensors.append((i, w))
+            need[w.device] = need.get(w.device, 0) + _aligned(w.numel() * w.element_size())
+        return tensors, need
 
     def _old(self, s: _Slot) -> torch.Tensor:
         n = math.prod(s.shape) * s.dtype.itemsize
