@@ -63,7 +63,8 @@ class CollectConfig(_Section):
     activations: bool = Field(
         False,
         description="also record each module's forward output (rms, mean, zero ratio, "
-        "NaN/Inf counts) in the forwards before a collected step; see gradmon/activations.py",
+        "NaN/Inf counts) in the forwards before a collected step; "
+        "see gradmon/agent/features/activations.py",
     )
     activations_include: str | None = Field(
         None,

@@ -19,8 +19,8 @@ in the same file) or written to a fresh file (`overwrite`):
 - Layer fields are those of gradmon.LayerStats: magnitudes over finite entries, NaN/Inf
   entries counted in `nan_count`/`inf_count`; `received: false` means no gradient reached
   the layer since the previous collection; `update_ratio` (‖Δw‖/‖w‖, see
-  gradmon/update_ratio.py) is present only under `collect.update_ratio_every`, once the
-  layer was measured.
+  gradmon/agent/features/update_ratio.py) is present only under
+  `collect.update_ratio_every`, once the layer was measured.
 - `activations` (only with `collect.activations: true`, and only at steps where some
   module ran): gradmon.ActivationStats of each module's forward output over the forwards
   before the step (`numel` adds up over them). Lines without it (older records, or
