@@ -44,8 +44,6 @@ def run(steps: int, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
             config = {"exporter": {"enabled": False}, "collect": collect}
             mon = gradmon.attach(model, opt, config=config)
             monitors.append(mon)
-            if mon._activations is not None:
-                modules = len(mon._activations.names)
 
         def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
             opt.zero_grad(set_to_none=True)
@@ -59,6 +57,7 @@ def run(steps: int, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
         times = _interleaved(fns, steps)
         snap = monitors[1].snapshot()
         assert snap is not None and snap.activations, "no activation statistics collected"
+        modules = len(snap.activations)  # every hooked module runs in this model's forward
     finally:
         for mon in monitors:
             mon.close()

@@ -44,6 +44,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import gradmon
+from _readings import agent_errors
 from gradmon.stats import param_sum_squares
 from gradmon.stats import torch as torch_stats
 
@@ -334,7 +335,7 @@ def bench_step(
                         torch.cuda.set_sync_debug_mode(0)
                 syncs[name] = sum("synchroniz" in str(w.message) for w in caught)
         snap = mon.snapshot(wait=True)
-        errors = {k: v for k, v in mon._errors.items() if v}
+        errors = agent_errors(mon)
     finally:
         mon.close()
     base_ms = statistics.median(times[0]) * 1e3

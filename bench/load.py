@@ -36,6 +36,7 @@ from prometheus_client import generate_latest
 from torch import nn
 
 import gradmon
+from _readings import agent_errors
 
 SCRAPER = r"""
 import json, sys, time, urllib.request
@@ -194,7 +195,7 @@ def run_load(
                 results += pool.stop()
         finally:
             static.close()
-        errors = sum(int(v) for v in mon._export_state().errors_total.values())
+        errors = int(sum(agent_errors(mon).values()))
     latencies = [v for r in results for v in r["lat"]]
     med = {arm: statistics.median(v) for arm, v in times.items()}
     return {

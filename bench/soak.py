@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import gradmon
+from _readings import agent_errors
 
 RSS_BOUND_MIB = 8.0  # projected growth over the measured span
 OBJECTS_BOUND = 2000
@@ -83,7 +84,7 @@ def run_soak(
                 if step % sample_every == 0:
                     gc.collect()
                     samples.append((step, rss_mib(), len(gc.get_objects())))
-            errors = sum(mon._export_state().errors_total.values())
+            errors = sum(agent_errors(mon).values())
     measured = samples[len(samples) // 4 :] if len(samples) >= 4 else samples
     xs = [float(s[0]) for s in measured]
     span = xs[-1] - xs[0] if len(xs) > 1 else 0.0

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import gradmon
+from _readings import agent_errors
 from gradmon.agent.features.update_ratio import UpdateRatio
 from gradmon.bench import ReferenceModel, _interleaved
 
@@ -53,7 +54,7 @@ def run(steps: int = 30, warmup: int = 3) -> dict[str, float]:
         _interleaved(fns, warmup)
         times = _interleaved(fns, steps)
         for mon in monitors:
-            assert mon.snapshot() is not None and not any(mon._errors.values())
+            assert mon.snapshot() is not None and not agent_errors(mon)
     finally:
         for mon in monitors:
             mon.close()

@@ -14,15 +14,21 @@ import atexit
 import contextlib
 import os
 import weakref
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gradmon.agent.monitor import Monitor
-
-_live: weakref.WeakSet[Monitor] = weakref.WeakSet()
+from typing import Protocol
 
 
-def track(monitor: Monitor) -> None:
+class Tracked(Protocol):
+    """What this module calls on a monitor."""
+
+    def after_fork_in_child(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_live: weakref.WeakSet[Tracked] = weakref.WeakSet()
+
+
+def track(monitor: Tracked) -> None:
     """Follow a monitor until it is garbage: made inert in forked children, closed at exit."""
     _live.add(monitor)
 
