@@ -43,8 +43,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import gradmon
 from _readings import agent_errors
+
+import gradmon
 from gradmon.stats import param_sum_squares
 from gradmon.stats import torch as torch_stats
 

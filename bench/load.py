@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _readings import agent_errors
 from prometheus_client import generate_latest
 from torch import nn
 
 import gradmon
-from _readings import agent_errors
 
 SCRAPER = r"""
 import json, sys, time, urllib.request

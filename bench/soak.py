@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _readings import agent_errors
 from torch import nn
 
 import gradmon
-from _readings import agent_errors
 
 RSS_BOUND_MIB = 8.0  # projected growth over the measured span
 OBJECTS_BOUND = 2000

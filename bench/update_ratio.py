@@ -20,10 +20,10 @@ import weakref
 from collections.abc import Callable
 
 import torch
+from _readings import agent_errors
 from torch import nn
 
 import gradmon
-from _readings import agent_errors
 from gradmon.agent.features.update_ratio import UpdateRatio
 from gradmon.bench import ReferenceModel, _interleaved
 
