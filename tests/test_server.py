@@ -298,6 +298,32 @@ def test_a_client_reset_mid_request_is_counted(
     )
 
 
+def test_a_silent_client_is_counted_as_a_timeout(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    import gradmon.server
+
+    monkeypatch.setattr(gradmon.server._QuietHandler, "timeout", 0.3)  # 30 s in production
+    server = MetricsServer(ExporterConfig(port=0), 0, registry)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)):  # says nothing
+            deadline = time.monotonic() + 10
+            value = None
+            while time.monotonic() < deadline:
+                value = registry.get_sample_value(
+                    "gradmon_exporter_connection_errors_total", {"reason": "timeout"}
+                )
+                if value:
+                    break
+                time.sleep(0.05)
+            assert value == 1
+    finally:
+        server.close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_connection_errors_are_logged_at_most_once_per_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
