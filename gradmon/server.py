@@ -3,6 +3,11 @@
 prometheus_client's start_http_server has TLS but no authentication, so the server is
 built here from the same parts: a threading WSGI server, its app, an SSL context. Secrets
 (the password) are read once at start, compared in constant time, and never logged.
+
+Clients that fail at the edge (a TLS handshake refused, a reset, a timeout) are counted
+in gradmon_exporter_connection_errors_total{reason} and logged at most once a minute,
+never as socketserver's traceback per connection: a port scan must not fill the
+training log.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ import binascii
 import errno
 import gzip
 import hmac
+import logging
 import socket
 import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -25,15 +31,110 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import gzip_accepted
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from gradmon import distributed
 from gradmon.config import ExporterConfig
 from gradmon.errors import GradmonError
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
+log = logging.getLogger("gradmon")
+
+CONNECTION_ERRORS = "gradmon_exporter_connection_errors"
+# tls: the handshake (or a later TLS record) failed, e.g. a client without a certificate
+# under mutual TLS, or plain HTTP to the TLS port; reset: the client closed the connection
+# abruptly; timeout: it said nothing for _QuietHandler.timeout seconds; other: the rest.
+CONNECTION_ERROR_REASONS = ("tls", "reset", "timeout", "other")
+
+
+def connection_error_reason(exc: BaseException) -> str:
+    """The `reason` label of a failed client connection."""
+    if isinstance(exc, TimeoutError):  # before OSError: socket.timeout is one
+        return "timeout"
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
+    if isinstance(exc, (ConnectionError, EOFError)):  # reset, aborted, broken pipe
+        return "reset"
+    return "other"
+
+
+class ConnectionErrors(Collector):
+    """Counts client connections that failed before an answer was sent, and logs them at
+    most once per `log_interval` seconds (the first at once, later ones summed up)."""
+
+    def __init__(
+        self,
+        log_interval: float = 60.0,
+        rank: Callable[[], int | None] = distributed.rank_label,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._counts = dict.fromkeys(CONNECTION_ERROR_REASONS, 0)
+        self._unlogged = dict.fromkeys(CONNECTION_ERROR_REASONS, 0)
+        self._lock = threading.Lock()
+        self._log_interval = log_interval
+        self._logged_at: float | None = None
+        self._rank = rank
+        self._clock = clock
+
+    def record(self, exc: BaseException, peer: object) -> None:
+        reason = connection_error_reason(exc)
+        now = self._clock()
+        with self._lock:
+            self._counts[reason] += 1
+            self._unlogged[reason] += 1
+            if self._logged_at is not None and now - self._logged_at < self._log_interval:
+                return
+            self._logged_at = now
+            summary = ", ".join(f"{r}: {n}" for r, n in self._unlogged.items() if n)
+            total = sum(self._unlogged.values())
+            self._unlogged = dict.fromkeys(CONNECTION_ERROR_REASONS, 0)
+        log.warning(
+            "gradmon: %d client connection(s) to the metrics endpoint failed (%s); "
+            "the latest from %s: %s: %s (counted in %s_total; logged at most every %.0f s)",
+            total,
+            summary,
+            _peer(peer),
+            type(exc).__name__,
+            exc,
+            CONNECTION_ERRORS,
+            self._log_interval,
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        rank = self._rank()
+        names = ["reason"] + (["rank"] if rank is not None else [])
+        family = CounterMetricFamily(
+            CONNECTION_ERRORS,
+            "Client connections to the metrics endpoint that failed before an answer "
+            "(TLS handshake, reset, timeout)",
+            labels=names,
+        )
+        with self._lock:
+            counts = dict(self._counts)
+        for reason, count in counts.items():
+            family.add_metric([reason] + ([str(rank)] if rank is not None else []), count)
+        yield family
+
+
+def _peer(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a hung scraper must never keep the training process alive
+    connection_errors: ConnectionErrors
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that failed (no certificate, reset, silent) is counted and logged
+        once a minute; socketserver would print a traceback for each connection."""
+        exc = sys.exc_info()[1]
+        if exc is not None:
+            self.connection_errors.record(exc, client_address)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -198,8 +299,12 @@ class MetricsServer:
         app = throttled(app, config.max_scrapes_per_second)  # outermost: 401s count too
         context = _tls_context(config)
 
+        connection_errors = ConnectionErrors()
+
         class Server(_ThreadingServer):
             pass
+
+        Server.connection_errors = connection_errors
 
         try:
             infos = socket.getaddrinfo(
@@ -223,6 +328,12 @@ class MetricsServer:
                 httpd.socket, server_side=True, do_handshake_on_connect=False
             )
         self._server = httpd
+        self._registry = registry
+        self._connection_errors: ConnectionErrors | None = connection_errors
+        try:
+            registry.register(connection_errors)
+        except ValueError:  # another server's counter is on this registry already
+            self._connection_errors = None
         self.port: int = httpd.server_port
         self.tls = context is not None
         self._thread = threading.Thread(
@@ -244,6 +355,9 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+        if self._connection_errors is not None:
+            self._registry.unregister(self._connection_errors)
+            self._connection_errors = None
 
     def close_in_child(self) -> None:
         """In a forked child: close this process's copy of the listening socket only.

@@ -20,7 +20,7 @@ from gradmon.rules import ALERT_NAMES, RUNBOOK_URL, RuleOptions, render
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"
 RULES_FILE = PROM / "rules" / "gradmon.rules.yml"
-K8S_RULE_FILE = REPO / "deploy" / "k8s" / "prometheusrule.yaml"
+K8S_RULE_FILE = REPO / "deploy" / "k8s" / "base" / "prometheusrule.yaml"
 PROMTOOL_TESTS = sorted((PROM / "tests").glob("*.yml"))
 DESIGN_ALERTS = {
     "GradmonTargetDown",
@@ -325,19 +325,3 @@ def test_alertmanager_inhibit_rules() -> None:
     assert inhibits["GradmonNonFiniteGradients"] == debris
     assert inhibits["GradmonLossScaleCollapse"] == debris
     assert inhibits["GradmonExplodingGradients"] == debris | {"GradmonGradNormSpike"}
-
-
-def test_podmonitor() -> None:
-    doc = yaml.safe_load((REPO / "deploy" / "k8s" / "podmonitor.yaml").read_text("utf-8"))
-    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PodMonitor"
-    assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    spec = doc["spec"]
-    assert spec["selector"]["matchLabels"] == {"app.kubernetes.io/name": "my-training-job"}
-    (endpoint,) = spec["podMetricsEndpoints"]
-    assert endpoint["port"] == "gradmon-metrics"
-    # The relabelled job must be one the rules' job selector matches.
-    (relabel,) = endpoint["relabelings"]
-    assert relabel["targetLabel"] == "job"
-    assert re.fullmatch("gradmon.*", relabel["replacement"])
-    # 7 series per layer + up to 4 anomaly kinds per layer + ~80 global (README.md).
-    assert spec["sampleLimit"] >= 11 * ExporterConfig().max_layers + 80

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import logging
+import re
 import shutil
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gradmon import GradmonError
 from gradmon.config import ExporterConfig
-from gradmon.server import MetricsServer
+from gradmon.server import ConnectionErrors, MetricsServer
 
 SECRET = "s3cret-Passw0rd"
 
@@ -207,3 +210,138 @@ def test_scrapes_beyond_the_rate_limit_wait_and_still_succeed(registry: Collecto
         assert get(f"http://127.0.0.1:{free.port}/metrics") == 200
     finally:
         free.close()
+
+
+def _sample(server: MetricsServer, name: str, labels: str, context: ssl.SSLContext) -> float:
+    url = f"https://127.0.0.1:{server.port}/metrics"
+    with urllib.request.urlopen(url, timeout=10, context=context) as resp:
+        text = resp.read().decode()
+    match = re.search(rf"^{name}\{{{labels}\}} (\S+)$", text, re.MULTILINE)
+    assert match, text
+    return float(match.group(1))
+
+
+def test_clients_without_a_certificate_are_counted_not_printed(
+    pki: Path,
+    registry: CollectorRegistry,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: under mutual TLS each client without a certificate printed a full
+    traceback (PEER_DID_NOT_RETURN_A_CERTIFICATE) on the training process's stderr."""
+    config = ExporterConfig(
+        port=0,
+        tls={
+            "certfile": str(pki / "server.pem"),
+            "keyfile": str(pki / "server.key"),
+            "client_cafile": str(pki / "ca.pem"),
+        },
+    )
+    caplog.set_level(logging.WARNING, logger="gradmon")
+    server = MetricsServer(config, 0, registry)
+    url = f"https://127.0.0.1:{server.port}/metrics"
+    with_cert = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with_cert.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+    name = "gradmon_exporter_connection_errors_total"
+    try:
+        assert _sample(server, name, 'reason="tls"', with_cert) == 0
+        anonymous = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        for _ in range(5):
+            with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+                get(url, context=anonymous)
+        deadline = time.monotonic() + 10  # the server thread may count after the client gave up
+        while _sample(server, name, 'reason="tls"', with_cert) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sample(server, name, 'reason="tls"', with_cert) == 5
+        assert _sample(server, name, 'reason="reset"', with_cert) == 0
+    finally:
+        server.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+    records = [r for r in caplog.records if "metrics endpoint failed" in r.getMessage()]
+    assert len(records) == 1, [r.getMessage() for r in records]  # once a minute, not 5 times
+    message = records[0].getMessage()
+    assert "127.0.0.1:" in message and "tls: 1" in message, message
+    assert records[0].exc_info is None
+
+
+def test_a_client_reset_mid_request_is_counted(
+    registry: CollectorRegistry, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+    import struct
+
+    server = MetricsServer(ExporterConfig(port=0), 0, registry)
+    try:
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the headers never end
+        time.sleep(0.2)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST, not FIN
+        deadline = time.monotonic() + 10
+        value = None
+        while time.monotonic() < deadline:
+            value = registry.get_sample_value(
+                "gradmon_exporter_connection_errors_total", {"reason": "reset"}
+            )
+            if value:
+                break
+            time.sleep(0.05)
+        assert value == 1
+    finally:
+        server.close()
+    assert "Traceback" not in capfd.readouterr().err
+    # close() takes the counter off the registry with the server
+    assert (
+        registry.get_sample_value("gradmon_exporter_connection_errors_total", {"reason": "tls"})
+        is None
+    )
+
+
+def test_a_silent_client_is_counted_as_a_timeout(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    import gradmon.server
+
+    monkeypatch.setattr(gradmon.server._QuietHandler, "timeout", 0.3)  # 30 s in production
+    server = MetricsServer(ExporterConfig(port=0), 0, registry)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)):  # says nothing
+            deadline = time.monotonic() + 10
+            value = None
+            while time.monotonic() < deadline:
+                value = registry.get_sample_value(
+                    "gradmon_exporter_connection_errors_total", {"reason": "timeout"}
+                )
+                if value:
+                    break
+                time.sleep(0.05)
+            assert value == 1
+    finally:
+        server.close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_connection_errors_are_logged_at_most_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    errors = ConnectionErrors(log_interval=60, rank=lambda: 3, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="gradmon")
+    errors.record(ssl.SSLError(1, "PEER_DID_NOT_RETURN_A_CERTIFICATE"), ("10.0.0.7", 40000))
+    now[0] = 30
+    errors.record(TimeoutError("timed out"), ("10.0.0.8", 40001))
+    errors.record(ConnectionResetError(104, "reset"), ("fd00::1", 40002))
+    assert len(caplog.records) == 1 and "10.0.0.7:40000" in caplog.records[0].getMessage()
+    now[0] = 61
+    errors.record(OSError("odd"), ("10.0.0.9", 40003))
+    assert len(caplog.records) == 2
+    second = caplog.records[1].getMessage()
+    assert "3 client connection(s)" in second, second
+    assert "reset: 1, timeout: 1, other: 1" in second and "10.0.0.9:40003" in second, second
+    (family,) = errors.collect()
+    counts = {s.labels["reason"]: s.value for s in family.samples}
+    assert counts == {"tls": 1, "reset": 1, "timeout": 1, "other": 1}
+    assert {s.labels["rank"] for s in family.samples} == {"3"}
