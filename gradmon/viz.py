@@ -17,6 +17,7 @@ import os
 import random
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ from gradmon.stats import reference
 from gradmon.stats.torch import first_float_tensor, real_view
 
 if TYPE_CHECKING:
+    from matplotlib.artist import Artist
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = ["maximize_activation", "plot_gradients", "plot_inputs", "plot_record"]
@@ -76,6 +79,23 @@ def _log10(value: float) -> float:
 
 
 # --------------------------------------------------------------------- record file
+@dataclass(frozen=True)
+class _Record:
+    """A record file as arrays, one column per collected step (numpy arrays typed Any)."""
+
+    name: str  # the file's name, for the title
+    steps: list[int]
+    rows: list[dict[str, Any]]  # one record line per step
+    names: list[str]  # the layers, in order of first appearance
+    x: Any  # the steps as floats
+    global_norm: Any
+    log_norm: Any  # layers × steps, log10 of each layer's grad norm
+    zero_ratio: Any  # layers × steps
+    marks: dict[str, list[tuple[float, float]]]  # kind: (step, layer index) on the heatmap
+    step_marks: dict[str, set[int]]  # kind: columns with such an anomaly, any layer
+    losses: list[str]  # the logged scalars named like a loss
+
+
 def plot_record(record_path: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> Path:
     """A report of a record file (see gradmon.sinks.record) as one PNG; returns its path.
 
@@ -84,12 +104,29 @@ def plot_record(record_path: str | os.PathLike[str], out_png: str | os.PathLike[
     are marked where they happened, coloured by kind: on the heatmap at their layer, and
     on the global norm curve. A step recorded twice (a resumed run) shows its last line.
     """
+    rec = _load_record(record_path)
+    n_layers = len(rec.names)
+    fig = _figure(13, 8.5 + min(n_layers, 60) * 0.08)
+    top, heat, zeros = fig.subplots(
+        3, 1, sharex=True, gridspec_kw={"height_ratios": [1.2, 2.2, 1.0]}
+    )
+    n_anomalies = sum(len(r.get("anomalies") or []) for r in rec.rows)
+    fig.suptitle(
+        f"gradmon record {rec.name}: {len(rec.steps)} collections, steps "
+        f"{rec.steps[0]}..{rec.steps[-1]}, {n_layers} layers, {n_anomalies} anomalies"
+    )
+    _draw_global_norm(top, rec)
+    _draw_heatmap(fig, heat, rec)
+    _draw_zero_ratios(zeros, rec)
+    return _save(fig, out_png)
+
+
+def _load_record(record_path: str | os.PathLike[str]) -> _Record:
     import numpy as np
 
     from gradmon.sinks.record import read_record
 
-    records = read_record(record_path)
-    by_step = {int(r["step"]): r for r in records}  # last line of a step wins
+    by_step = {int(r["step"]): r for r in read_record(record_path)}  # last line of a step wins
     steps = sorted(by_step)
     rows = [by_step[s] for s in steps]
     layers: dict[str, None] = {}
@@ -97,59 +134,59 @@ def plot_record(record_path: str | os.PathLike[str], out_png: str | os.PathLike[
         layers.update(dict.fromkeys(r["layers"]))
     names = list(layers)
     index = {n: i for i, n in enumerate(names)}
-    n_steps, n_layers = len(steps), len(names)
-
     x = np.asarray(steps, dtype=float)
-    global_norm = np.array([_num(r.get("global_norm")) for r in rows])
-    log_norm = np.full((n_layers, n_steps), np.nan)
-    zero_ratio = np.full((n_layers, n_steps), np.nan)
+    log_norm = np.full((len(names), len(steps)), np.nan)
+    zero_ratio = np.full((len(names), len(steps)), np.nan)
+    for j, r in enumerate(rows):
+        for name, s in r["layers"].items():
+            log_norm[index[name], j] = _log10(_num(s.get("norm")))
+            zero_ratio[index[name], j] = _num(s.get("zero_ratio"))
+    marks, step_marks = _anomaly_marks(rows, x, index)
+    return _Record(
+        name=Path(record_path).name,
+        steps=steps,
+        rows=rows,
+        names=names,
+        x=x,
+        global_norm=np.array([_num(r.get("global_norm")) for r in rows]),
+        log_norm=log_norm,
+        zero_ratio=zero_ratio,
+        marks=marks,
+        step_marks=step_marks,
+        losses=sorted({k for r in rows for k in (r.get("scalars") or {}) if "loss" in k.lower()}),
+    )
+
+
+def _anomaly_marks(
+    rows: list[dict[str, Any]], x: Any, index: dict[str, int]
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, set[int]]]:
+    """Where each kind of anomaly happened: (step, layer index) points for the anomalies
+    of a layer, and the columns of all of them (global ones too). Known kinds first."""
     marks: dict[str, list[tuple[float, float]]] = {k: [] for k in ANOMALY_KINDS}
     step_marks: dict[str, set[int]] = {k: set() for k in ANOMALY_KINDS}
     for j, r in enumerate(rows):
-        for name, s in r["layers"].items():
-            i = index[name]
-            log_norm[i, j] = _log10(_num(s.get("norm")))
-            zero_ratio[i, j] = _num(s.get("zero_ratio"))
         for a in r.get("anomalies") or []:
             kind = str(a.get("kind"))
             marks.setdefault(kind, [])
             step_marks.setdefault(kind, set()).add(j)
             if a.get("layer") in index:
                 marks[kind].append((x[j], float(index[a["layer"]])))
-    losses = sorted({k for r in rows for k in (r.get("scalars") or {}) if "loss" in k.lower()})
+    return marks, step_marks
 
-    height = 8.5 + min(n_layers, 60) * 0.08
-    fig = _figure(13, height)
-    top, heat, zeros = fig.subplots(
-        3, 1, sharex=True, gridspec_kw={"height_ratios": [1.2, 2.2, 1.0]}
-    )
-    n_anomalies = sum(len(r.get("anomalies") or []) for r in rows)
-    fig.suptitle(
-        f"gradmon record {Path(record_path).name}: {n_steps} collections, steps "
-        f"{steps[0]}..{steps[-1]}, {n_layers} layers, {n_anomalies} anomalies"
-    )
 
-    # Global norm and losses.
-    positive = np.where(global_norm > 0, global_norm, np.nan)
-    top.plot(x, positive, color="#333333", lw=1.2, label="global grad norm")
+def _draw_global_norm(top: Axes, rec: _Record) -> None:
+    """The global norm over steps (log y), logged losses, anomalies as dots on the curve."""
+    import numpy as np
+
+    positive = np.where(rec.global_norm > 0, rec.global_norm, np.nan)
+    top.plot(rec.x, positive, color="#333333", lw=1.2, label="global grad norm")
     top.set_yscale("log")
     top.set_ylabel("global grad norm")
     handles, labels = top.get_legend_handles_labels()
-    if losses:
-        right = top.twinx()
-        curves = [
-            np.array([_num((r.get("scalars") or {}).get(name)) for r in rows])
-            for name in losses[:3]
-        ]
-        for k, (name, values) in enumerate(zip(losses, curves, strict=False)):
-            right.plot(x, values, lw=1.0, color=f"C{k + 2}", alpha=0.9, label=name)
-        finite = np.concatenate([c[np.isfinite(c)] for c in curves])
-        if finite.size and finite.min() > 0:
-            right.set_yscale("log")
-        right.set_ylabel(", ".join(losses[:3]))
-        h2, l2 = right.get_legend_handles_labels()
+    if rec.losses:
+        h2, l2 = _draw_losses(top, rec)
         handles, labels = handles + h2, labels + l2
-    for kind, js in step_marks.items():
+    for kind, js in rec.step_marks.items():
         if not js:
             continue
         where = sorted(js)
@@ -157,24 +194,44 @@ def plot_record(record_path: str | os.PathLike[str], out_png: str | os.PathLike[
         y = np.where(np.isfinite(y), y, np.nanmax(positive) if np.isfinite(positive).any() else 1)
         handles.append(
             top.scatter(
-                x[where], y, s=22, color=ANOMALY_COLORS.get(kind, "#7f7f7f"), zorder=3, label=kind
+                rec.x[where],
+                y,
+                s=22,
+                color=ANOMALY_COLORS.get(kind, "#7f7f7f"),
+                zorder=3,
+                label=kind,
             )
         )
         labels.append(kind)
     top.legend(handles, labels, loc="upper left", fontsize=8, ncols=min(len(labels), 6))
     top.grid(True, which="major", alpha=0.3)
 
-    # Heatmap of log10 norm, columns averaged in log space past _MAX_HEATMAP_COLUMNS.
-    edges = _edges(x)
-    image = log_norm
-    if n_steps > _MAX_HEATMAP_COLUMNS:
-        groups = np.array_split(np.arange(n_steps), _MAX_HEATMAP_COLUMNS)
-        with warnings.catch_warnings():  # all-NaN groups: "Mean of empty slice"
-            warnings.simplefilter("ignore", RuntimeWarning)
-            image = np.stack([np.nanmean(log_norm[:, g], axis=1) for g in groups], axis=1)
-        edges = np.array([edges[g[0]] for g in groups] + [edges[-1]])
+
+def _draw_losses(top: Axes, rec: _Record) -> tuple[list[Artist], list[Any]]:
+    """The first three losses on a right axis (log y if all positive); its legend entries."""
+    import numpy as np
+
+    right = top.twinx()
+    curves = [
+        np.array([_num((r.get("scalars") or {}).get(name)) for r in rec.rows])
+        for name in rec.losses[:3]
+    ]
+    for k, (name, values) in enumerate(zip(rec.losses, curves, strict=False)):
+        right.plot(rec.x, values, lw=1.0, color=f"C{k + 2}", alpha=0.9, label=name)
+    finite = np.concatenate([c[np.isfinite(c)] for c in curves])
+    if finite.size and finite.min() > 0:
+        right.set_yscale("log")
+    right.set_ylabel(", ".join(rec.losses[:3]))
+    return right.get_legend_handles_labels()
+
+
+def _draw_heatmap(fig: Figure, heat: Axes, rec: _Record) -> None:
+    """Layers × steps of log10 norm, anomalies of a layer as crosses at their cell."""
+    import numpy as np
     from matplotlib import colormaps
 
+    n_layers = len(rec.names)
+    image, edges = _heatmap_columns(rec.log_norm, _edges(rec.x))
     masked = np.ma.masked_invalid(image)
     cmap = colormaps["viridis"].with_extremes(bad="#dddddd")
     mesh = heat.pcolormesh(edges, np.arange(n_layers + 1) - 0.5, masked, cmap=cmap, shading="flat")
@@ -184,10 +241,10 @@ def plot_record(record_path: str | os.PathLike[str], out_png: str | os.PathLike[
     tick_every = max(1, math.ceil(n_layers / 40))
     heat.set_yticks(range(0, n_layers, tick_every))
     heat.set_yticklabels(
-        [names[i] for i in range(0, n_layers, tick_every)], fontsize=7 if n_layers > 15 else 8
+        [rec.names[i] for i in range(0, n_layers, tick_every)], fontsize=7 if n_layers > 15 else 8
     )
     heat.set_ylabel("layer")
-    for kind, points in marks.items():
+    for kind, points in rec.marks.items():
         if not points:
             continue
         if len(points) > _MAX_MARKERS:
@@ -197,20 +254,39 @@ def plot_record(record_path: str | os.PathLike[str], out_png: str | os.PathLike[
             px, py, s=14, marker="x", color=ANOMALY_COLORS.get(kind, "#7f7f7f"), linewidths=1.2
         )
 
-    # Zero ratios: the layers that reached the highest ratios get a legend entry.
-    peak = np.where(np.isfinite(zero_ratio), zero_ratio, -1).max(axis=1)
+
+def _heatmap_columns(log_norm: Any, edges: Any) -> tuple[Any, Any]:
+    """The heatmap's image and column edges: columns averaged in log space past
+    _MAX_HEATMAP_COLUMNS steps."""
+    import numpy as np
+
+    n_steps = log_norm.shape[1]
+    if n_steps <= _MAX_HEATMAP_COLUMNS:
+        return log_norm, edges
+    groups = np.array_split(np.arange(n_steps), _MAX_HEATMAP_COLUMNS)
+    with warnings.catch_warnings():  # all-NaN groups: "Mean of empty slice"
+        warnings.simplefilter("ignore", RuntimeWarning)
+        image = np.stack([np.nanmean(log_norm[:, g], axis=1) for g in groups], axis=1)
+    return image, np.array([edges[g[0]] for g in groups] + [edges[-1]])
+
+
+def _draw_zero_ratios(zeros: Axes, rec: _Record) -> None:
+    """Each layer's zero ratio over steps; the layers that reached the highest ratios get a
+    legend entry."""
+    import numpy as np
+
+    peak = np.where(np.isfinite(rec.zero_ratio), rec.zero_ratio, -1).max(axis=1)
     labelled = set(np.argsort(-peak, kind="stable")[:_LABELLED_LINES].tolist())
-    for i in range(n_layers):
+    for i, name in enumerate(rec.names):
         if i in labelled:
-            zeros.plot(x, zero_ratio[i], lw=1.1, label=names[i])
+            zeros.plot(rec.x, rec.zero_ratio[i], lw=1.1, label=name)
         else:
-            zeros.plot(x, zero_ratio[i], lw=0.6, color="#bbbbbb")
+            zeros.plot(rec.x, rec.zero_ratio[i], lw=0.6, color="#bbbbbb")
     zeros.set_ylim(-0.03, 1.03)
     zeros.set_ylabel("zero ratio")
     zeros.set_xlabel("step")
     zeros.grid(True, alpha=0.3)
     zeros.legend(loc="upper left", fontsize=7, ncols=2)
-    return _save(fig, out_png)
 
 
 def _edges(x: Any) -> Any:
