@@ -16,7 +16,8 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.artist import Artist
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from torch.utils.hooks import RemovableHandle
 
 __all__ = ["maximize_activation", "plot_gradients", "plot_inputs", "plot_record"]
 
@@ -481,6 +483,36 @@ def maximize_activation(
     flags and `.grad`s are as before afterwards. Returns the optimized input, detached,
     on the model's device.
     """
+    shape = _check_arguments(model, input_shape, steps, lr, l2, tv, jitter)
+    activation = _UnitActivation(model, module_name, unit)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    with activation, _frozen_eval(model), torch.enable_grad():
+        x = _starting_point(activation, noise)
+        optimizer = torch.optim.Adam([x], lr=lr)
+        shifts = random.Random(seed)
+        for _ in range(steps):
+            inp = _shifted(x, shifts, jitter) if jitter and len(shape) >= 3 else x
+            loss = _loss(activation, inp, x, l2, tv)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+    return x.detach()
+
+
+def _check_arguments(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    steps: int,
+    lr: float,
+    l2: float,
+    tv: float,
+    jitter: int,
+) -> tuple[int, ...]:
+    """maximize_activation's arguments checked; the input shape as a tuple of ints."""
     if not isinstance(model, nn.Module):
         raise GradmonError(f"maximize_activation() needs an nn.Module, not {type(model).__name__}")
     shape = tuple(int(d) for d in input_shape)
@@ -494,82 +526,100 @@ def maximize_activation(
             "maximize_activation(): needs steps >= 1, lr > 0, l2 >= 0, tv >= 0, jitter >= 0 "
             f"(got steps={steps}, lr={lr}, l2={l2}, tv={tv}, jitter={jitter})"
         )
-    module = _resolve_module(model, module_name)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return shape
 
-    captured: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        captured.append(first_float_tensor(output))  # type: ignore[arg-type]
+class _UnitActivation:
+    """Calling it runs the model and returns the mean of output channel `unit` of the
+    module, read with a forward hook; the hook is in place inside `with`."""
 
+    def __init__(self, model: nn.Module, module_name: str, unit: int) -> None:
+        self.model, self.module_name, self.unit = model, module_name, unit
+        self.module = _resolve_module(model, module_name)
+        self._captured: list[torch.Tensor] = []
+        self._handle: RemovableHandle | None = None
+
+    def __enter__(self) -> _UnitActivation:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self._captured.append(first_float_tensor(output))  # type: ignore[arg-type]
+
+    def __call__(self, inp: torch.Tensor) -> torch.Tensor:
+        self._captured.clear()
+        self.model(inp)
+        out = self._captured[0] if self._captured else None
+        if out is None:
+            raise GradmonError(
+                f"maximize_activation(): module {self.module_name!r} did not run in the forward "
+                "pass, or its output is not a tensor"
+            )
+        if out.dim() < 2 or not 0 <= self.unit < out.shape[1]:
+            size = out.shape[1] if out.dim() >= 2 else 0
+            raise GradmonError(
+                f"maximize_activation(unit={self.unit}): module {self.module_name!r} outputs "
+                f"shape {tuple(out.shape)}; unit must be in 0..{size - 1} (a channel of dim 1)"
+            )
+        return out[:, self.unit].float().mean()
+
+
+@contextmanager
+def _frozen_eval(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode with its parameters frozen; its mode and `requires_grad`
+    flags restored afterwards."""
     was_training = model.training
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    handle = module.register_forward_hook(hook)
     try:
         model.eval()
         for p, _ in frozen:
             p.requires_grad_(False)
-        generator = torch.Generator().manual_seed(seed)
-        shifts = random.Random(seed)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-        spatial = len(shape) >= 3
-
-        def activation(inp: torch.Tensor) -> torch.Tensor:
-            captured.clear()
-            model(inp)
-            out = captured[0] if captured else None
-            if out is None:
-                raise GradmonError(
-                    f"maximize_activation(): module {module_name!r} did not run in the forward "
-                    "pass, or its output is not a tensor"
-                )
-            if out.dim() < 2 or not 0 <= unit < out.shape[1]:
-                size = out.shape[1] if out.dim() >= 2 else 0
-                raise GradmonError(
-                    f"maximize_activation(unit={unit}): module {module_name!r} outputs shape "
-                    f"{tuple(out.shape)}; unit must be in 0..{size - 1} (a channel of dim 1)"
-                )
-            return out[:, unit].float().mean()
-
-        with torch.enable_grad():
-            # Start from faint noise (the picture is then what the ascent drew). A unit
-            # behind a ReLU may be silent there, with no gradient to climb: then start
-            # from stronger noise.
-            for scale in _START_SCALES:
-                x = (noise * scale).requires_grad_(True)
-                act = activation(x)
-                if not act.requires_grad:
-                    raise GradmonError(
-                        f"maximize_activation(): the output of module {module_name!r} does not "
-                        "depend on the input (no gradient reaches it)"
-                    )
-                (grad,) = torch.autograd.grad(act, x, allow_unused=True)
-                if grad is not None and bool(grad.abs().sum() > 0):  # one sync, before the loop
-                    break
-            optimizer = torch.optim.Adam([x], lr=lr)
-            for _ in range(steps):
-                inp = x
-                if jitter and spatial:
-                    dy, dx = shifts.randint(-jitter, jitter), shifts.randint(-jitter, jitter)
-                    inp = (
-                        torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-                        if len(shape) >= 4
-                        else (torch.roll(x, shifts=dx, dims=-1))
-                    )
-                loss = -activation(inp) + l2 * x.float().pow(2).mean()
-                if tv and spatial:
-                    loss = loss + tv * _total_variation(x.float())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
+        yield
     finally:
-        handle.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)
-    return x.detach()
+
+
+def _starting_point(activation: _UnitActivation, noise: torch.Tensor) -> torch.Tensor:
+    """The input the ascent starts from, requiring grad."""
+    # Start from faint noise (the picture is then what the ascent drew). A unit behind a
+    # ReLU may be silent there, with no gradient to climb: then start from stronger noise.
+    for scale in _START_SCALES:
+        x = (noise * scale).requires_grad_(True)
+        act = activation(x)
+        if not act.requires_grad:
+            raise GradmonError(
+                f"maximize_activation(): the output of module {activation.module_name!r} does "
+                "not depend on the input (no gradient reaches it)"
+            )
+        (grad,) = torch.autograd.grad(act, x, allow_unused=True)
+        if grad is not None and bool(grad.abs().sum() > 0):  # one sync, before the loop
+            break
+    return x
+
+
+def _shifted(x: torch.Tensor, shifts: random.Random, jitter: int) -> torch.Tensor:
+    """x rolled by up to `jitter` positions along its spatial dims (the last one or two)."""
+    dy, dx = shifts.randint(-jitter, jitter), shifts.randint(-jitter, jitter)
+    if x.dim() >= 4:
+        return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    return torch.roll(x, shifts=dx, dims=-1)
+
+
+def _loss(
+    activation: _UnitActivation, inp: torch.Tensor, x: torch.Tensor, l2: float, tv: float
+) -> torch.Tensor:
+    """What the ascent minimizes: minus the activation on `inp` (x, maybe shifted), plus
+    `l2` × mean(x²) and, for inputs with spatial dims, `tv` × total variation of x."""
+    loss = -activation(inp) + l2 * x.float().pow(2).mean()
+    if tv and x.dim() >= 3:
+        loss = loss + tv * _total_variation(x.float())
+    return loss
 
 
 def plot_inputs(
