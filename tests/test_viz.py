@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +117,12 @@ def test_plot_record_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "x.png").exists()
 
 
+def test_importing_viz_leaves_matplotlib_alone() -> None:
+    # matplotlib is an extra: `import gradmon.viz` must work without it (cli.py imports it).
+    code = "import sys, gradmon.viz; assert 'matplotlib' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
 def test_missing_matplotlib_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, record: Path, tmp_path: Path
 ) -> None:
@@ -200,6 +207,7 @@ def test_maximize_activation_raises_the_unit_and_leaves_the_model_alone() -> Non
     assert model.training
     assert [p.requires_grad for p in model.parameters()] == [True] * 4 + [False, True]
     assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # Same seed, same input.
     a = viz.maximize_activation(model, "features.1", 2, shape, steps=5, seed=3)
@@ -227,6 +235,7 @@ def test_maximize_activation_errors() -> None:
     with pytest.raises(gradmon.GradmonError, match="steps >= 1"):
         viz.maximize_activation(model, "features.2", 0, (1, 3, 8, 8), steps=0)
     assert model.training and all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())  # removed after the unit error
 
 
 # ------------------------------------------------------------------------- CLI
