@@ -34,7 +34,7 @@ from prometheus_client.exposition import gzip_accepted
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gradmon import distributed
+from gradmon.agent import distributed
 from gradmon.config import ExporterConfig
 from gradmon.errors import GradmonError
 
