@@ -3,11 +3,22 @@
 mon = gradmon.attach(model, optimizer)   # that's all; /metrics on 127.0.0.1:9400
 """
 
+import importlib
+from typing import Any
+
 from gradmon.agent.monitor import Monitor, attach
 from gradmon.config import Config
 from gradmon.errors import GradmonError
 from gradmon.snapshot import LayerStats, Snapshot
 from gradmon.version import __version__
+
+
+def __getattr__(name: str) -> Any:
+    """`gradmon.viz` without an explicit import (it loads matplotlib only when it draws)."""
+    if name == "viz":
+        return importlib.import_module("gradmon.viz")
+    raise AttributeError(f"module 'gradmon' has no attribute {name!r}")
+
 
 __all__ = [
     "Config",

@@ -263,3 +263,11 @@ def test_cli_viz_maximize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     torch.save(ConvNet().state_dict(), checkpoint)
     assert main(args) == 2
     assert "not a pickled nn.Module" in capsys.readouterr().err
+
+
+def test_viz_is_reached_from_the_package_without_an_import() -> None:
+    import gradmon
+
+    assert gradmon.viz.plot_record is viz.plot_record
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        gradmon.nothing  # noqa: B018
