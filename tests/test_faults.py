@@ -23,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import gradmon
-from gradmon.health import HealthRules
 from gradmon import exporter
 from gradmon.agent import exposure, gather, publish, steps
 from gradmon.exporter import AGENT_STAGES
+from gradmon.health import HealthRules
 from gradmon.sinks.record import RecordSink
 from gradmon.stats import Col, cpu, reference
 from gradmon.stats import torch as torch_stats
