@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Mapping
 
 from gradmon.config import HealthConfig
 from gradmon.snapshot import GLOBAL_LAYER, Anomaly, LayerStats
@@ -30,7 +31,7 @@ class HealthRules:
         self._norms: deque[float] = deque(maxlen=config.spike_window)
 
     def evaluate(
-        self, step: int, layers: dict[str, LayerStats], global_norm: float
+        self, step: int, layers: Mapping[str, LayerStats], global_norm: float
     ) -> list[Anomaly]:
         cfg = self.config
         found: list[Anomaly] = []

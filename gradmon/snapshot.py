@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import numpy as np
 
 from gradmon.stats.layout import Col
 
@@ -82,7 +85,9 @@ class Snapshot:
     step: int
     global_norm: float  # L2 over the finite entries of every monitored grad
     nonfinite: bool  # any NaN/Inf in any monitored grad
-    layers: dict[str, LayerStats]
+    # Layer name -> LayerStats. The agent hands a LayerTable (columns, LayerStats built
+    # when read); any Mapping does.
+    layers: Mapping[str, LayerStats]
     anomalies: list[Anomaly] = field(default_factory=list)
     timestamp: float = 0.0  # wall time of the collection
     skipped: bool = False  # the optimizer step was skipped (GradScaler found inf/NaN)
@@ -148,5 +153,70 @@ def no_grad_layer(numel: int, param_sum_sq: float) -> LayerStats:
     )
 
 
-def global_norm(layers: dict[str, LayerStats]) -> float:
+def global_norm(layers: Mapping[str, LayerStats]) -> float:
+    if isinstance(layers, LayerTable):
+        return math.sqrt(float(layers.column("sum_squares").sum()))
     return math.sqrt(sum(s.sum_squares for s in layers.values()))
+
+
+# The columns of a LayerTable: float64 arrays over its layers, in its order.
+TABLE_COLUMNS = (
+    "numel",
+    "sum_squares",
+    "sum",
+    "abs_max",
+    "min",
+    "max",
+    "zero_count",
+    "nan_count",
+    "inf_count",
+    "param_sum_squares",
+    "received",  # 1.0 / 0.0
+    "update_ratio",  # NaN: not measured (yet)
+)
+
+
+class LayerTable(Mapping[str, LayerStats]):
+    """Per-layer statistics held as columns (one float64 array per TABLE_COLUMNS entry,
+    indexed like `names`). Whole-model work (health, counters, exposition) reads the
+    columns; a LayerStats is built only when someone reads that layer, then kept."""
+
+    __slots__ = ("_built", "_cols", "_position", "names")
+
+    def __init__(self, names: Sequence[str], cols: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        self.names = list(names)
+        self._cols = dict(cols)
+        self._position = {n: i for i, n in enumerate(self.names)}
+        self._built: dict[str, LayerStats] = {}
+
+    def column(self, name: str) -> np.ndarray[Any, Any]:
+        return self._cols[name]
+
+    def with_column(self, name: str, values: np.ndarray[Any, Any]) -> LayerTable:
+        return LayerTable(self.names, {**self._cols, name: values})
+
+    def __getitem__(self, name: str) -> LayerStats:
+        built = self._built.get(name)
+        if built is None:
+            built = self._built[name] = self._build(self._position[name])
+        return built
+
+    def _build(self, i: int) -> LayerStats:
+        c = self._cols
+        ratio = float(c["update_ratio"][i])
+        numel, param_sq = int(c["numel"][i]), float(c["param_sum_squares"][i])
+        if not c["received"][i]:
+            stats = no_grad_layer(numel, param_sq)
+        else:
+            row = [float(c[k][i]) for k in TABLE_COLUMNS[1:9]]
+            stats = finalize_layer(row, numel, param_sq)
+        return stats if math.isnan(ratio) else dataclasses.replace(stats, update_ratio=ratio)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._position

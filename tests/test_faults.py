@@ -26,6 +26,7 @@ import gradmon
 from gradmon import exporter
 from gradmon.agent import exposure, gather, publish, steps
 from gradmon.exporter import AGENT_STAGES
+from gradmon.health import HealthRules
 from gradmon.sinks.record import RecordSink
 from gradmon.stats import Col, cpu, reference
 from gradmon.stats import torch as torch_stats
@@ -176,31 +177,52 @@ def test_stats_backend_fault_leaves_other_groups(
     assert logged(caplog, "collect") == 1
 
 
-def test_publish_fault_in_one_layer_leaves_the_others(
+def test_publish_fault_in_the_health_rules_leaves_the_statistics(
     twins: tuple[nn.Module, nn.Module, list[float]],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     model, _, want = twins
-    original = publish.finalize_layer
-    mid_numel = 16 * 16 + 16
 
-    def finalize(row: list[float], numel: int, param_sq: float) -> Any:
-        if numel == mid_numel:
-            raise ValueError("injected publish fault")
-        return original(row, numel, param_sq)
+    def broken(self: HealthRules, *_: Any) -> Any:
+        raise ValueError("injected publish fault")
 
-    monkeypatch.setattr(publish, "finalize_layer", finalize)
+    monkeypatch.setattr(HealthRules, "evaluate", broken)
     mon, got = train_monitored(model, SERVED)
     with mon:
         assert got == want
         snap = mon.snapshot()
-        assert snap is not None and set(snap.layers) == {"fc1", "out"}
+        assert snap is not None and set(snap.layers) == {"fc1", "mid", "out"}
+        assert snap.anomalies == []  # not judged this time; counted
         oracle = layer_norms(model)
         assert snap.layers["out"].norm == pytest.approx(oracle["out"], rel=1e-6)
         assert errors(mon.port)["publish"] == STEPS
         assert readings.collections(mon) == STEPS
     assert logged(caplog, "publish") == 1
+
+
+def test_publish_fault_loses_that_collection_only(
+    twins: tuple[nn.Module, nn.Module, list[float]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, _, want = twins
+    original = publish.Publisher.build
+    calls = []
+
+    def build(self: publish.Publisher, ready: Any, skipped: bool) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("injected publish fault")
+        return original(self, ready, skipped)
+
+    monkeypatch.setattr(publish.Publisher, "build", build)
+    mon, got = train_monitored(model, SERVED)
+    with mon:
+        assert got == want
+        assert errors(mon.port)["publish"] == 1
+        assert readings.collections(mon) == STEPS - 1
+        snap = mon.snapshot()
+        assert snap is not None and snap.step == STEPS - 1
 
 
 def test_scaler_fault(

@@ -167,11 +167,20 @@ def test_meta_parameters_are_skipped_with_a_counted_reason(
 def test_unsupported_grad_layout_is_skipped_and_training_goes_on(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Linear(3, 3, dtype=torch.complex64)
+            self.r = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.r(self.c(x.to(torch.complex64)).abs())
+
+    model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     # torch refuses to assign a CSR .grad to a dense parameter, but a custom
     # autograd/optimizer setup may hand one over: the agent sees it as CSR here, through
-    # the function it reads every gradient with.
+    # the function it reads every grad that needs a view with (complex ones do).
     original = gather.grad_view
 
     def as_csr(grad: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
@@ -185,13 +194,13 @@ def test_unsupported_grad_layout_is_skipped_and_training_goes_on(
             opt.step()
         snap = mon.snapshot()
         assert snap is not None and snap.step == 3
-        assert "sparse_csr" in mon.skipped["0.weight"]
+        assert "sparse_csr" in mon.skipped["c.weight"]
         assert readings.errors(mon)["collect"] == 1  # counted once per parameter
-        assert caplog.text.count("'0.weight' is not monitored") == 1
-        assert not snap.layers["0.weight"].received
-        assert snap.layers["1.weight"].received and snap.layers["1.weight"].norm > 0
+        assert caplog.text.count("'c.weight' is not monitored") == 1
+        assert not snap.layers["c.weight"].received
+        assert snap.layers["r.weight"].received and snap.layers["r.weight"].norm > 0
         # a skipped layer is not reported dead
-        assert all(a.layer != "0.weight" for a in snap.anomalies)
+        assert all(a.layer != "c.weight" for a in snap.anomalies)
 
 
 def test_parameters_added_after_attach_are_named_once(

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradmon.errors import GradmonError
@@ -23,7 +24,7 @@ from gradmon.exporter import (
     ExportState,
     Histogram,
 )
-from gradmon.snapshot import Snapshot
+from gradmon.snapshot import LayerStats, LayerTable, Snapshot
 
 __all__ = ["Counters", "checked_scalars"]
 
@@ -49,6 +50,14 @@ def checked_scalars(scalars: Mapping[str, Any]) -> dict[str, Any]:
             )
         out[name] = value
     return out
+
+
+def nonfinite_layers(layers: Mapping[str, LayerStats]) -> list[str]:
+    """The layers whose gradient held NaN/Inf (from the columns of a LayerTable)."""
+    if isinstance(layers, LayerTable):
+        bad = np.flatnonzero(layers.column("nan_count") + layers.column("inf_count"))
+        return [layers.names[i] for i in bad]
+    return [n for n, s in layers.items() if s.nan_count or s.inf_count]
 
 
 class Counters:
@@ -134,9 +143,8 @@ class Counters:
             self.snapshot = snap
             self.collections += 1
             self.nonfinite_steps += snap.nonfinite
-            for name, s in snap.layers.items():
-                if s.nan_count or s.inf_count:
-                    self.layer_nonfinite[name] = self.layer_nonfinite.get(name, 0) + 1
+            for name in nonfinite_layers(snap.layers) if snap.nonfinite else ():
+                self.layer_nonfinite[name] = self.layer_nonfinite.get(name, 0) + 1
             for name, act in snap.activations.items():
                 if act.nan_count or act.inf_count:
                     self.activation_nonfinite[name] = self.activation_nonfinite.get(name, 0) + 1

@@ -21,7 +21,7 @@ from torch import nn
 
 from gradmon.errors import GradmonError
 
-__all__ = ["is_sharded", "local_rank", "local_tensor", "metrics_port", "rank_label"]
+__all__ = ["is_dtensor", "is_sharded", "local_rank", "local_tensor", "metrics_port", "rank_label"]
 
 
 def rank_label() -> int | None:
@@ -81,6 +81,11 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
         local: torch.Tensor = t.to_local()  # type: ignore[attr-defined]
         return local
     return t
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
 
 
 def is_sharded(t: torch.Tensor) -> bool:

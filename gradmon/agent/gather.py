@@ -76,6 +76,11 @@ class Gatherer:
         self._skip = skip
         self.skipped_positions: set[int] = set()  # monitored parameters left out later
         self._last_grad: list[tuple[int, int] | None] = [None] * len(index.param_refs)
+        # Plain tensors (not DTensor, not complex): their dense real grads need no view.
+        params = [ref() for ref in index.param_refs]
+        self._plain = [
+            p is not None and not p.is_complex() and not distributed.is_dtensor(p) for p in params
+        ]
         self._warned_gone = False
         self._model_ref = weakref.ref(model)  # weak: the monitor never keeps them alive
         self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else None
@@ -86,25 +91,41 @@ class Gatherer:
             self._opt_param_count = _param_count(optimizer)
 
     def gather(self, arrival: list[int]) -> Gathered:
+        """One pass over the parameters. Freshness: the hooks noted an arrival, or the grad
+        tensor or its version counter changed (grads written without autograd's
+        accumulation: sharded or manually set grads). Dense real grads of plain tensors
+        take the short path; anything else goes through `grad_view`."""
         self._check_new_parameters()
-        fresh = self._fresh(arrival)
+        fresh = [False] * len(arrival)
         out = Gathered(fresh=fresh, arrival=arrival)
-        local = distributed.local_tensor  # a DTensor's shard on this rank; else the tensor
+        grads, weights, groups, last = out.grads, out.weights, out.groups, self._last_grad
+        plain, strided = self._plain, torch.strided
         gone = 0
         for i, ref in enumerate(self._index.param_refs):
             p = ref()
-            gone += p is None
-            if not (fresh[i] and p is not None and p.grad is not None):
+            if p is None:
+                gone += 1
                 continue
-            g, reason = grad_view(local(p.grad))
+            g = p.grad
             if g is None:
-                self._skip(self._index.param_names[i], str(reason))
-                self.skipped_positions.add(i)
-                fresh[i] = False  # skipped, with its reason: published as no gradient
+                last[i] = None
                 continue
-            out.grads[i] = g
-            out.weights[i] = real_view(local(p).detach())
-            out.groups.setdefault((g.device, g.dtype), []).append(i)
+            key = (id(g), g._version)
+            if not arrival[i] and key == last[i]:
+                continue
+            last[i] = key
+            if plain[i] and g.layout is strided and g.is_floating_point():
+                grads[i] = g
+                weights[i] = p  # read, never written: no detach needed
+            elif not self._special(i, p, g, out):
+                continue
+            fresh[i] = True
+            view = grads[i]
+            group = groups.get((view.device, view.dtype))
+            if group is None:
+                groups[(view.device, view.dtype)] = [i]
+            else:
+                group.append(i)
         if gone and not self._warned_gone:
             self._warned_gone = True
             log.warning(
@@ -116,18 +137,17 @@ class Gatherer:
             )
         return out
 
-    def _fresh(self, arrival: list[int]) -> list[bool]:
-        """Which parameters received a gradient since the last collection. The hooks are
-        the main signal; a changed grad tensor or version counter catches grads written
-        without autograd's accumulation (sharded or manually set grads)."""
-        fresh = []
-        for i, ref in enumerate(self._index.param_refs):
-            p = ref()
-            g = None if p is None else p.grad
-            key = None if g is None else (id(g), g._version)
-            fresh.append(g is not None and (bool(arrival[i]) or key != self._last_grad[i]))
-            self._last_grad[i] = key
-        return fresh
+    def _special(self, i: int, p: torch.Tensor, g: torch.Tensor, out: Gathered) -> bool:
+        """A DTensor, complex, sparse or unreadable grad: its view, or skipped (False)."""
+        local = distributed.local_tensor  # a DTensor's shard on this rank; else the tensor
+        view, reason = grad_view(local(g))
+        if view is None:
+            self._skip(self._index.param_names[i], str(reason))
+            self.skipped_positions.add(i)
+            return False  # skipped, with its reason: published as no gradient
+        out.grads[i] = view
+        out.weights[i] = real_view(local(p).detach())
+        return True
 
     def _check_new_parameters(self) -> None:
         """Parameters added to the optimizer after attach() get no hooks and are not

@@ -49,18 +49,25 @@ class GradArrivals:
 
     def __init__(self, count: int) -> None:
         self.order = [0] * count
-        self._next = itertools.count(1)
+        self.tick = [0]  # the last rank given; a list, so hooks update it in place
 
-    def arrived(self, index: int) -> None:
-        if not self.order[index]:
-            self.order[index] = next(self._next)
+    def hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        """The post-accumulate-grad hook of parameter `index`: runs once per parameter per
+        backward, so it is one closure with two list stores and no further call."""
+        order, tick = self.order, self.tick
+
+        def on_grad(_param: torch.Tensor) -> None:
+            if not order[index]:
+                tick[0] += 1
+                order[index] = tick[0]
+
+        return on_grad
 
     def take(self) -> list[int]:
         """This collection's arrival order; the next one starts afresh."""
         order = list(self.order)
-        for i in range(len(self.order)):
-            self.order[i] = 0
-        self._next = itertools.count(1)
+        self.order[:] = [0] * len(order)
+        self.tick[0] = 0
         return order
 
 
@@ -197,15 +204,11 @@ class TorchHooks:
         self._step_handles: list[RemovableHandle] = []
         self._key: int | None = None
         self._unwatch_scaler: Callable[[], None] | None = None
-        arrived = arrivals.arrived
         for index, ref in enumerate(param_refs):
             param = ref()
             assert param is not None  # alive: the caller holds the parameters at attach
-
-            def on_grad(_param: torch.Tensor, index: int = index) -> None:
-                arrived(index)  # once per parameter per backward: a list store
-
-            self._handles.append(param.register_post_accumulate_grad_hook(on_grad))  # type: ignore[no-untyped-call]
+            hook = arrivals.hook(index)
+            self._handles.append(param.register_post_accumulate_grad_hook(hook))  # type: ignore[no-untyped-call]
         if optimizer is not None:
             self._install_step_hooks(listener, optimizer, post_step)
         if scaler is not None:

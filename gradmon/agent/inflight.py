@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradmon.agent.collect import Blocks
@@ -122,8 +123,9 @@ class Inflight:
 
     def _read(self, entry: Pending) -> Ready:
         table = torch.zeros((len(entry.fresh), NCOLS + 1), dtype=torch.float64)
+        rows = table.numpy()  # numpy indexing: a list of positions costs no tensor per row
         for block, indices in entry.parts:
-            table[indices] = block
+            rows[np.asarray(indices, dtype=np.int64)] = block.numpy()
         # Cloned before the buffers go back to the pool (another thread may stage into them).
         features = {
             k: [(copy.host.clone(), meta) for copy, meta in rows]

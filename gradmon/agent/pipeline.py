@@ -170,11 +170,14 @@ class Pipeline:
     def _publish(self, ready: Ready) -> None:
         p = self.parts
         guard = p.counters.guard
-        with guard("publish"):
+        try:
             skipped = ready.skipped
             if ready.amp is not None:
                 skipped = p.steps.read_amp(ready.amp) or skipped
             snap = p.publisher.build(ready, skipped)
+        except Exception as exc:  # this collection is lost (counted); training goes on
+            p.counters.count_error("publish", exc)
+            return
         for k, feature in enumerate(p.features):
             with guard("publish"):  # a failing feature leaves the snapshot without it
                 snap = feature.finish(ready.features.get(k, []), snap)

@@ -1,42 +1,74 @@
-"""Host tables -> Snapshot: per-layer statistics, the global norm, health, NaN origin."""
+"""Host tables -> Snapshot: per-layer columns, the global norm, health, the NaN origin.
+
+Vectorised over the layer axis (numpy): a collection costs a few array operations, not a
+Python loop over layers; LayerStats objects are built only when someone reads a layer
+(snapshot.LayerTable).
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 
 from gradmon.agent.inflight import Ready
 from gradmon.agent.layers import LayerIndex
 from gradmon.health import HealthRules
-from gradmon.snapshot import (
-    LayerStats,
-    Snapshot,
-    combine_rows,
-    finalize_layer,
-    global_norm,
-    no_grad_layer,
-)
-from gradmon.stats import NCOLS
+from gradmon.snapshot import TABLE_COLUMNS, LayerTable, Snapshot
+from gradmon.stats import NCOLS, Col
 
-__all__ = ["Publisher", "layer_stats"]
+__all__ = ["Publisher", "layer_columns"]
+
+Array = np.ndarray[Any, Any]
+
+# Partial columns by how they combine over a layer's parameters.
+_ADDITIVE = [Col.SUM_SQ, Col.SUM, Col.ZERO_COUNT, Col.NAN_COUNT, Col.INF_COUNT]
+_ADDITIVE_NAMES = ["sum_squares", "sum", "zero_count", "nan_count", "inf_count"]
 
 
-def layer_stats(
-    members: list[int], rows: list[list[float]], fresh: list[bool], numels: list[int]
-) -> LayerStats:
-    """One layer from its parameters' rows (partials + squared parameter norm)."""
-    if len(members) == 1:  # parameter granularity: no combining needed
-        i = members[0]
-        row = rows[i]
-        if fresh[i]:
-            return finalize_layer(row, numels[i], row[NCOLS])
-        return no_grad_layer(numels[i], row[NCOLS])
-    got = [i for i in members if fresh[i]]
-    param_sq = sum(rows[i][NCOLS] for i in members)
-    numel = sum(numels[i] for i in (got or members))
-    if got:
-        return finalize_layer(combine_rows([rows[i] for i in got]), numel, param_sq)
-    return no_grad_layer(numel, param_sq)
+class _Grouping:
+    """Parameter rows -> layer rows, fixed at attach: a permutation that puts each
+    layer's parameters next to each other, and where each layer starts."""
+
+    def __init__(self, index: LayerIndex) -> None:
+        layer_of = np.asarray(index.layer_of, dtype=np.int64)
+        self.identity = len(index.layer_names) == len(layer_of) and bool(
+            (layer_of == np.arange(len(layer_of))).all()
+        )
+        self.order = np.argsort(layer_of, kind="stable")
+        counts = np.bincount(layer_of, minlength=len(index.layer_names))
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.numels = np.asarray(index.numels, dtype=np.float64)
+
+    def add(self, values: Array) -> Array:
+        return values if self.identity else np.add.reduceat(values[self.order], self.starts)
+
+    def reduce(self, ufunc: np.ufunc, values: Array) -> Array:
+        return values if self.identity else ufunc.reduceat(values[self.order], self.starts)
+
+
+def layer_columns(grouping: _Grouping, table: Array, fresh: Array) -> dict[str, Array]:
+    """The LayerTable columns from a [parameters, NCOLS + 1] table. Parameters without a
+    fresh gradient do not combine into their layer's gradient statistics (their rows
+    are zeros); a layer none of whose parameters got one is `received` 0."""
+    cols: dict[str, Array] = {}
+    for name, col in zip(_ADDITIVE_NAMES, _ADDITIVE, strict=True):
+        cols[name] = grouping.add(table[:, col])
+    # Extremes of rows with no gradient must not count: neutral values in their place.
+    cols["abs_max"] = grouping.reduce(np.maximum, np.where(fresh, table[:, Col.ABS_MAX], 0.0))
+    cols["min"] = grouping.reduce(np.minimum, np.where(fresh, table[:, Col.MIN], np.inf))
+    cols["max"] = grouping.reduce(np.maximum, np.where(fresh, table[:, Col.MAX], -np.inf))
+    cols["param_sum_squares"] = grouping.add(table[:, NCOLS])
+    got = grouping.add(fresh.astype(np.float64))
+    numel_fresh = grouping.add(grouping.numels * fresh)
+    cols["received"] = (got > 0).astype(np.float64)
+    cols["numel"] = np.where(got > 0, numel_fresh, grouping.add(grouping.numels))
+    cols["update_ratio"] = np.full(len(got), np.nan)
+    assert set(cols) == set(TABLE_COLUMNS)
+    return cols
 
 
 class Publisher:
@@ -48,65 +80,75 @@ class Publisher:
         index: LayerIndex,
         health: HealthRules,
         skipped_positions: set[int],
-        on_layer_error: Callable[[BaseException], None],
+        on_error: Callable[[BaseException], None],
     ) -> None:
         self._index = index
         self._health = health
         self._left_out = skipped_positions
-        self._on_layer_error = on_layer_error
+        self._on_error = on_error
+        self._grouping = _Grouping(index)
 
     def build(self, ready: Ready, skipped: bool) -> Snapshot:
-        index = self._index
-        rows = ready.table.tolist()  # sync-ok: a host tensor by now
-        layers: dict[str, LayerStats] = {}
-        for name, members in zip(index.layer_names, index.members, strict=True):
-            if ready.failed and any(i in ready.failed for i in members):
-                continue  # its group failed (counted): left out, not shown as zeros
-            try:
-                layers[name] = layer_stats(members, rows, ready.fresh, index.numels)
-            except Exception as exc:  # one bad layer leaves the others published
-                self._on_layer_error(exc)
-        norm = global_norm(layers)
-        anomalies = self._health.evaluate(ready.step, self._judged(layers), norm)
+        table = ready.table.numpy()
+        fresh = np.asarray(ready.fresh, dtype=bool)
+        cols = layer_columns(self._grouping, table, fresh)
+        names = self._index.layer_names
+        keep = self._present(ready.failed)
+        if keep is not None:  # a group failed (counted): its layers are left out
+            names = [n for n, k in zip(names, keep, strict=True) if k]
+            cols = {k: v[keep] for k, v in cols.items()}
+        layers = LayerTable(names, cols)
+        norm = math.sqrt(float(cols["sum_squares"].sum()))
+        bad = cols["nan_count"] + cols["inf_count"] > 0
+        origin = self._first_nonfinite(ready.arrival, keep, bad) if bad.any() else None
+        try:
+            anomalies = self._health.evaluate(ready.step, self._judged(layers, keep), norm)
+        except Exception as exc:  # a failing rule leaves the statistics published
+            self._on_error(exc)
+            anomalies = []
         return Snapshot(
             step=ready.step,
             global_norm=norm,
-            nonfinite=any(s.nan_count or s.inf_count for s in layers.values()),
+            nonfinite=bool(bad.any()),
             layers=layers,
             anomalies=anomalies,
             timestamp=time.time(),
             skipped=skipped,
-            nonfinite_origin=self._first_nonfinite(layers, ready.arrival),
+            nonfinite_origin=origin,
         )
 
-    def _judged(self, layers: dict[str, LayerStats]) -> dict[str, LayerStats]:
+    def _present(self, failed: frozenset[int]) -> Array | None:
+        if not failed:
+            return None
+        return np.array([not any(i in failed for i in m) for m in self._index.members])
+
+    def _judged(self, layers: LayerTable, keep: Array | None) -> LayerTable:
         """The layers health rules look at. An empty shard (FSDP: a rank may hold no
         element of a small parameter) is neither vanishing nor dead: left to the ranks
         that hold the elements; a layer whose every parameter is skipped is not judged."""
-        left_out = self._left_out
-        return {
-            n: layers[n]
-            for n, members in zip(self._index.layer_names, self._index.members, strict=True)
-            if n in layers
-            and layers[n].numel > 0
-            and not (left_out and all(i in left_out for i in members))
-        }
+        judged = layers.column("numel") > 0
+        if self._left_out:
+            members = self._index.members
+            if keep is not None:
+                members = [m for m, k in zip(members, keep, strict=True) if k]
+            left = self._left_out
+            judged &= np.array([not all(i in left for i in m) for m in members])
+        if judged.all():
+            return layers
+        names = [n for n, j in zip(layers.names, judged, strict=True) if j]
+        return LayerTable(names, {k: layers.column(k)[judged] for k in TABLE_COLUMNS})
 
-    def _first_nonfinite(self, layers: dict[str, LayerStats], arrival: list[int]) -> str | None:
+    def _first_nonfinite(self, arrival: list[int], keep: Array | None, bad: Array) -> str | None:
         """The first layer in backward order (the order its grads arrived) whose gradient
         held NaN/Inf. Grads the hooks did not see arrive (set by hand) come after, in
         model order."""
-        index = self._index
-        best: tuple[bool, int, int] | None = None
-        origin = None
-        for position, (name, members) in enumerate(
-            zip(index.layer_names, index.members, strict=True)
-        ):
-            s = layers.get(name)
-            if s is None or not (s.nan_count or s.inf_count):
-                continue
-            seen = [arrival[i] for i in members if arrival[i]]
-            key = (not seen, min(seen) if seen else 0, position)
-            if best is None or key < best:
-                best, origin = key, name
-        return origin
+        seen = np.asarray(arrival, dtype=np.float64)
+        seen[seen == 0] = np.inf
+        first = self._grouping.reduce(np.minimum, seen)
+        names = self._index.layer_names
+        if keep is not None:
+            first, names = first[keep], [n for n, k in zip(names, keep, strict=True) if k]
+        candidates = np.flatnonzero(bad)
+        # lexsort: the last key is the primary one; ties (and no arrivals) by model order.
+        pick = candidates[np.lexsort((candidates, first[candidates]))[0]]
+        return names[int(pick)]

@@ -35,13 +35,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradmon.agent import distributed
 from gradmon.agent.features import FeatureRows, Stage, Work
 from gradmon.agent.layers import LayerIndex
 from gradmon.config import Config
-from gradmon.snapshot import Snapshot
+from gradmon.snapshot import LayerTable, Snapshot
 from gradmon.stats import param_sum_squares
 from gradmon.stats.torch import real_view
 
@@ -278,13 +279,11 @@ class UpdateRatioFeature:
         if tables:
             self.ratio.finish(tables)
         last = self.ratio.last
-        if not last:
+        if not last or not isinstance(snap.layers, LayerTable):
             return snap
         # The last measured value of each layer (see the module's note on staleness).
-        layers = {
-            n: dataclasses.replace(s, update_ratio=last.get(n)) for n, s in snap.layers.items()
-        }
-        return dataclasses.replace(snap, layers=layers)
+        ratios = np.array([last.get(n, np.nan) for n in snap.layers.names], dtype=np.float64)
+        return dataclasses.replace(snap, layers=snap.layers.with_column("update_ratio", ratios))
 
     def export_fields(self) -> dict[str, Any]:
         return {}

@@ -1,0 +1,146 @@
+"""Host cost per gradient tensor: `python bench/host_cost.py [--sizes 250 1000 4000 20000]`.
+
+A chain of N `Linear(16, 16, bias=False)` (N gradient tensors, next to no FLOPs), SGD,
+batch 4, one process, CPU. Every arm trains its own copy of the same model; each round
+runs one step of every arm, in an order that alternates between rounds (forward, then
+reversed), and the medians over rounds are compared. Added host time per tensor per
+step = (arm - none) / N. Arms:
+
+- none: training only;
+- gradmon: `gradmon.attach(model, opt)`, every step collected, health on, exporter on
+  (a real server on port 0, not scraped), `exporter.max_layers` N;
+- gradmon k=10: the same with `collect.every_n_steps: 10` (9 of 10 steps not collected);
+- foreach_norm: `torch._foreach_norm` of the grads, stacked, `.tolist()` (norms only);
+- lightning: `lightning.pytorch.utilities.grad_norm(model, 2)` and a `.item()` of each
+  value, as logging it does (norms only);
+- item: `p.grad.norm().item()` per parameter (norms only).
+
+It asserts nothing: it prints the table (and `--json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import gradmon
+
+
+def chain(n: int) -> nn.Module:
+    return nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(n)])
+
+
+def arms(
+    n: int,
+) -> dict[str, tuple[nn.Module, torch.optim.Optimizer, Callable[[nn.Module], object]]]:
+    torch.manual_seed(0)
+    base = chain(n)
+    out = {}
+
+    def nothing(_m: nn.Module) -> None:
+        return None
+
+    def foreach_norm(m: nn.Module) -> object:
+        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        return torch.stack(torch._foreach_norm(grads)).tolist()
+
+    def per_item(m: nn.Module) -> object:
+        return [p.grad.norm().item() for p in m.parameters() if p.grad is not None]
+
+    extra: dict[str, Callable[[nn.Module], object]] = {
+        "none": nothing,
+        "gradmon": nothing,
+        "gradmon k=10": nothing,
+        "foreach_norm": foreach_norm,
+        "item": per_item,
+    }
+    try:
+        from lightning.pytorch.utilities import grad_norm
+
+        def lightning(m: nn.Module) -> object:
+            return {k: float(v.item()) for k, v in grad_norm(m, norm_type=2).items()}
+
+        extra["lightning"] = lightning
+    except ImportError:
+        print("lightning is not installed: its arm is left out", file=sys.stderr)
+    for name, fn in extra.items():
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+        out[name] = (model, opt, fn)
+    return out
+
+
+def measure(n: int, rounds: int, warmup: int) -> dict[str, float]:
+    x = torch.randn(4, 16)
+    setup = arms(n)
+    monitors = []
+    for name, every in (("gradmon", 1), ("gradmon k=10", 10)):
+        model, opt, _ = setup[name]
+        config = {
+            "exporter": {"port": 0, "max_layers": n},
+            "collect": {"every_n_steps": every},
+        }
+        monitors.append(gradmon.attach(model, opt, config=config))
+
+    def step(name: str) -> float:
+        model, opt, fn = setup[name]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        fn(model)
+        opt.step()
+        return time.perf_counter() - t0
+
+    names = list(setup)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for r in range(warmup + rounds):
+            for name in names if r % 2 == 0 else reversed(names):
+                t = step(name)
+                if r >= warmup:
+                    times[name].append(t)
+        for mon in monitors:
+            assert mon.snapshot() is not None, "the agent collected nothing"
+    finally:
+        for mon in monitors:
+            mon.close()
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 4000, 20000])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = []
+    for n in args.sizes:
+        med = measure(n, max(6, args.rounds * 1000 // max(n, 1000)), args.warmup)
+        base = med["none"]
+        added = {k: (v - base) / n * 1e6 for k, v in med.items() if k != "none"}
+        rows.append({"tensors": n, "none_ms": base * 1e3, "added_us_per_tensor": added})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    arms_shown = list(rows[0]["added_us_per_tensor"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; added host time per")
+    print("tensor per step (us), medians over rounds with alternating arm order")
+    print("| N | step, none (ms) | " + " | ".join(arms_shown) + " |")
+    print("|---|---|" + "---|" * len(arms_shown))
+    for row in rows:
+        added = row["added_us_per_tensor"]
+        cells = " | ".join(f"{added[a]:.1f}" for a in arms_shown)  # type: ignore[index]
+        print(f"| {row['tensors']} | {row['none_ms']:.1f} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
