@@ -417,7 +417,7 @@ class Monitor:
         self._fused_skipped = 0
         self.run_id = cfg.run_id or os.environ.get("GRADMON_RUN_ID") or uuid.uuid4().hex[:12]
 
-        self._sinks: list[Sink] = build_sinks(cfg)
+        self._sinks: list[Sink] = build_sinks(cfg, self._export_error_fn("sink"))
         self._model_ref = weakref.ref(model)
         self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else None
         # Parameters added to the optimizer after attach() are not monitored: told once.
@@ -1055,7 +1055,7 @@ class Monitor:
                 exc_info=exc,
             )
 
-    def _export_error_fn(self) -> Callable[[BaseException], None]:
+    def _export_error_fn(self, stage: str = "export") -> Callable[[BaseException], None]:
         """For the exporter and the server: count a scrape-time failure under `export`.
         Holds the monitor weakly (the server thread must not keep it alive)."""
         me = weakref.ref(self)
@@ -1063,7 +1063,7 @@ class Monitor:
         def on_error(exc: BaseException) -> None:
             mon = me()
             if mon is not None:
-                mon._count_error("export", exc)
+                mon._count_error(stage, exc)
 
         return on_error
 
