@@ -417,7 +417,7 @@ class Monitor:
         self._fused_skipped = 0
         self.run_id = cfg.run_id or os.environ.get("GRADMON_RUN_ID") or uuid.uuid4().hex[:12]
 
-        self._sinks: list[Sink] = build_sinks(cfg, self._export_error_fn("sink"))
+        self._sinks: list[Sink] = build_sinks(cfg, self._export_error_fn("sink", logs=False))
         self._model_ref = weakref.ref(model)
         self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else None
         # Parameters added to the optimizer after attach() are not monitored: told once.
@@ -1041,12 +1041,12 @@ class Monitor:
         except Exception as exc:
             self._count_error(stage, exc)
 
-    def _count_error(self, stage: str, exc: BaseException) -> None:
+    def _count_error(self, stage: str, exc: BaseException, logs: bool = True) -> None:
         with self._lock:
             self._errors[stage] = self._errors.get(stage, 0) + 1
             first = stage not in self._errors_logged
             self._errors_logged.add(stage)
-        if first:
+        if first and logs:
             log.warning(
                 "gradmon: error in stage %r (counted in gradmon_agent_errors_total; "
                 "training goes on, further errors of this stage are not logged): %r",
@@ -1055,15 +1055,18 @@ class Monitor:
                 exc_info=exc,
             )
 
-    def _export_error_fn(self, stage: str = "export") -> Callable[[BaseException], None]:
-        """For the exporter and the server: count a scrape-time failure under `export`.
+    def _export_error_fn(
+        self, stage: str = "export", logs: bool = True
+    ) -> Callable[[BaseException], None]:
+        """For the exporter and the server: count a scrape-time failure under `export`;
+        for the sinks (build_sinks' on_error): count under `sink`, the sink logs itself.
         Holds the monitor weakly (the server thread must not keep it alive)."""
         me = weakref.ref(self)
 
         def on_error(exc: BaseException) -> None:
             mon = me()
             if mon is not None:
-                mon._count_error(stage, exc)
+                mon._count_error(stage, exc, logs)
 
         return on_error
 

@@ -124,6 +124,7 @@ class StorageWriter(Generic[T]):
         self.lost = 0  # items dropped: failed writes, a full queue, left behind at close
         self.errors = 0  # errors reported (what on_error got)
         self._opened = False
+        self._in_hand = 0  # items the storage thread took from the queue and is writing
         self._failing = False  # inside a failure episode (logged once per episode)
         self._episode_errors = 0
         self._episode_lost = 0
@@ -176,12 +177,12 @@ class StorageWriter(Generic[T]):
             self.left_behind = True
             busy = self._busy
             doing = f"{busy[0]} running for {time.monotonic() - busy[1]:.1f} s" if busy else "busy"
-            unwritten = self._queue.qsize() + (1 if busy else 0)
+            unwritten = self._queue.qsize() + self._in_hand
             with self._lock:
-                self.lost += self._queue.qsize()
+                self.lost += unwritten
             log.warning(
                 "gradmon: %s sink: storage at %s did not finish within close_timeout=%.1f s "
-                "(%s); left behind with ~%d snapshots unwritten (its thread finishes on its "
+                "(%s); left behind with %d snapshots unwritten (its thread finishes on its "
                 "own if the storage answers)",
                 self.name,
                 self.path,
@@ -280,6 +281,13 @@ class StorageWriter(Generic[T]):
                 break
         if not items:
             return
+        self._in_hand = len(items)
+        try:
+            self._write_batch(items)
+        finally:
+            self._in_hand = 0
+
+    def _write_batch(self, items: list[T]) -> None:
         done = failed_items = 0
         call = "open"
         try:
