@@ -1044,9 +1044,10 @@ class Monitor:
     def _count_error(self, stage: str, exc: BaseException, logs: bool = True) -> None:
         with self._lock:
             self._errors[stage] = self._errors.get(stage, 0) + 1
-            first = stage not in self._errors_logged
-            self._errors_logged.add(stage)
-        if first and logs:
+            first = logs and stage not in self._errors_logged
+            if first:
+                self._errors_logged.add(stage)
+        if first:
             log.warning(
                 "gradmon: error in stage %r (counted in gradmon_agent_errors_total; "
                 "training goes on, further errors of this stage are not logged): %r",

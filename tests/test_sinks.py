@@ -489,6 +489,28 @@ def test_storage_writer_without_on_error_raises_on_the_next_call() -> None:
     assert writer.lost == 1
 
 
+def test_storage_writer_item_failure_loses_that_item_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Picky(_Held):
+        def write(self, item: int) -> None:
+            if item % 2:
+                raise ValueError(f"cannot format {item}")
+            self.seen.append(item)
+
+    storage = Picky()
+    errors: list[BaseException] = []
+    writer: StorageWriter[int] = StorageWriter(
+        "test", "picky", storage, max_queue=8, on_error=errors.append
+    )
+    for i in range(4):
+        writer.submit(i)
+    writer.close()
+    assert storage.seen == [0, 2] and writer.lost == 2 and len(errors) == 2
+    said = [r.getMessage() for r in caplog.records if "could not be written" in r.getMessage()]
+    assert len(said) == 1 and "picky" in said[0]
+
+
 def test_storage_writer_reports_a_hang_and_leaves_it_behind_at_close(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -29,6 +29,16 @@ snapshot and counts an agent error rather than slow training down. Event records
 checksummed with google-crc32c when installed (see use_native_crc32c). Measured overhead:
 README, "TensorBoard, record file and plots".
 
+Storage. The SummaryWriter itself (mkdir of the logdir, a new event file) is made on that
+thread too, never at attach(), and every write is followed by a flush there, which
+surfaces the errors of TensorBoard's own event thread. A failure (ENOSPC, EROFS, a logdir
+deleted or turned into a file) drops the writer: the batch is lost and counted in
+gradmon_agent_errors_total{stage="sink"} (through build_sinks' on_error), the episode is
+logged once with the logdir and errno, and the next batch opens a new writer, i.e. a new
+event file in the same logdir, so the sink goes on when the storage does. A hung storage
+is reported by the watchdog of gradmon/sinks/writer.py; close() waits at most
+`tensorboard.close_timeout` seconds.
+
 Uses torch.utils.tensorboard's SummaryWriter (needs the `tensorboard` package) or,
 when that is missing or `tensorboard.writer: tensorboardX`, tensorboardX's.
 """

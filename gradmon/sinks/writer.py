@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno as errno_module
 import logging
+import os
 import queue
 import threading
 import time
@@ -126,6 +127,7 @@ class StorageWriter(Generic[T]):
         self._opened = False
         self._in_hand = 0  # items the storage thread took from the queue and is writing
         self._failing = False  # inside a failure episode (logged once per episode)
+        self._item_failure_logged = False
         self._episode_errors = 0
         self._episode_lost = 0
         # (call, monotonic start) of the storage call in progress: read by the watchdog
@@ -356,8 +358,17 @@ class StorageWriter(Generic[T]):
                 describe_error(exc),
                 self._interval,
             )
-        elif not storage:
-            log.debug("gradmon: %s sink: item failed: %r", self.name, exc)
+        elif not storage and not self._item_failure_logged:
+            self._item_failure_logged = True
+            log.warning(
+                "gradmon: %s sink: a snapshot could not be written to %s and was dropped "
+                '(counted in gradmon_agent_errors_total{stage="sink"}; further ones are not '
+                "logged): %r",
+                self.name,
+                self.path,
+                exc,
+                exc_info=exc,
+            )
         self._report(SinkWriterError(f"{self.name} sink ({self.path}): {call} failed: {exc}"))
 
 
@@ -381,6 +392,12 @@ class _Watchdog:
                 )
                 self._thread.start()
 
+    def reset_in_child(self) -> None:
+        """After fork: the parent's writers and watchdog thread do not exist here."""
+        self._writers = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread = None
+
     def discard(self, writer: StorageWriter[T]) -> None:
         with self._lock:
             self._writers.discard(writer)  # type: ignore[arg-type]
@@ -402,3 +419,5 @@ class _Watchdog:
 
 
 _watchdog = _Watchdog()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_watchdog.reset_in_child)
