@@ -460,7 +460,7 @@ class _Held:
         pass
 
 
-def test_storage_writer_drops_when_full_never_blocks() -> None:
+def test_storage_writer_drops_when_full_never_blocks(caplog: pytest.LogCaptureFixture) -> None:
     storage = _Held()
     errors: list[BaseException] = []
     writer: StorageWriter[int] = StorageWriter(
@@ -470,7 +470,10 @@ def test_storage_writer_drops_when_full_never_blocks() -> None:
     assert storage.started.wait(10)  # the thread holds item 1 and waits
     writer.submit(2)  # queued
     writer.submit(3)  # dropped, at once, reported
-    assert writer.lost == 1 and "queue full" in str(errors[-1])
+    writer.submit(4)
+    assert writer.lost == 2 and "queue full" in str(errors[-1]) and len(errors) == 2
+    said = [r.getMessage() for r in caplog.records if "queue is full" in r.getMessage()]
+    assert len(said) == 1 and "held" in said[0]  # logged once, with the path
     storage.release.set()
     writer.close()
     assert storage.seen == [1, 2] and writer.written == 2

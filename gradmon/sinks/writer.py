@@ -128,6 +128,7 @@ class StorageWriter(Generic[T]):
         self._in_hand = 0  # items the storage thread took from the queue and is writing
         self._failing = False  # inside a failure episode (logged once per episode)
         self._item_failure_logged = False
+        self._drop_logged = False
         self._episode_errors = 0
         self._episode_lost = 0
         # (call, monotonic start) of the storage call in progress: read by the watchdog
@@ -153,6 +154,16 @@ class StorageWriter(Generic[T]):
                 self.lost += 1
                 self._episode_lost += 1
             self._wake.set()
+            if not self._drop_logged:
+                self._drop_logged = True
+                log.warning(
+                    "gradmon: %s sink: %d snapshots are waiting for the storage at %s; "
+                    "the queue is full, so snapshots are dropped until it drains (counted in "
+                    'gradmon_agent_errors_total{stage="sink"}; further drops are not logged)',
+                    self.name,
+                    self._queue.maxsize,
+                    self.path,
+                )
             self._report(
                 SinkWriterError(
                     f"{self.name} sink ({self.path}): queue full ({self._queue.maxsize} "
