@@ -154,6 +154,18 @@ class TensorboardConfig(_Section):
     writer: Literal["auto", "torch", "tensorboardX"] = Field(
         "auto", description="auto: torch.utils.tensorboard, else tensorboardX"
     )
+    stall_after: float = Field(
+        5.0,
+        gt=0,
+        description="a storage call (open, write, flush) running longer than this counts "
+        "as an agent error, again every 0.5 s while it hangs",
+    )
+    close_timeout: float = Field(
+        5.0,
+        ge=0,
+        description="Monitor.close() waits at most this long for queued snapshots; past it "
+        "the sink's thread is left behind (counted, logged with the path)",
+    )
 
 
 class RecordConfig(_Section):
@@ -170,6 +182,21 @@ class RecordConfig(_Section):
     )
     max_queue: int = Field(
         1000, ge=1, description="snapshots waiting for the writer thread; past it they are dropped"
+    )
+    fsync: bool = Field(
+        True, description="fsync after each batch of lines (NFS reports write errors there)"
+    )
+    stall_after: float = Field(
+        5.0,
+        gt=0,
+        description="a storage call (open, write, flush) running longer than this counts "
+        "as an agent error, again every 0.5 s while it hangs",
+    )
+    close_timeout: float = Field(
+        5.0,
+        ge=0,
+        description="Monitor.close() waits at most this long for queued snapshots; past it "
+        "the sink's thread is left behind (counted, logged with the path)",
     )
 
 

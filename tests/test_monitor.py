@@ -345,7 +345,7 @@ def test_sinks_see_grads_and_snapshots_and_failures_are_counted(
 ) -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     good, bad = RecordingSink(), RecordingSink(fail=True)
-    monkeypatch.setattr(agent_monitor, "build_sinks", lambda _cfg: [bad, good])
+    monkeypatch.setattr(agent_monitor, "build_sinks", lambda _cfg, _on_error: [bad, good])
     with gradmon.attach(net, opt, config=NO_SERVER) as mon:
         mon.log(loss=1.5)
         train_step(net, opt)

@@ -4,10 +4,13 @@ read back (EventAccumulator, json), checked against the monitor's own snapshots.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,6 @@ import torch
 
 import gradmon
 from gradmon.sinks import build_sinks
-from gradmon.sinks._common import BackgroundWriter, SinkWriterError
 from gradmon.sinks.record import read_record
 from gradmon.sinks.tensorboard import (
     HIST_HEAD,
@@ -25,10 +27,9 @@ from gradmon.sinks.tensorboard import (
     histogram_row,
     use_native_crc32c,
 )
+from gradmon.sinks.writer import SinkWriterError, StorageWriter
 from gradmon.snapshot import ANOMALY_KINDS, Snapshot
 from tests.conftest import SmallNet
-
-from . import readings
 
 NO_SERVER: dict[str, Any] = {"exporter": {"enabled": False}}
 
@@ -209,22 +210,47 @@ def test_histogram_row_edge_cases() -> None:
     assert sampled[2] <= 1000 and (sampled[HIST_HEAD:] > 0).all()
 
 
+def _sink_errors(mon: gradmon.Monitor) -> float:
+    value = mon.registry.get_sample_value("gradmon_agent_errors_total", {"stage": "sink"})
+    return value or 0.0
+
+
+def _until(cond: Any, timeout: float = 30.0) -> bool:
+    """Poll a condition (a bounded wait, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _scalar_count(logdir: Path, tag: str) -> int:
+    """Events of a tag so far; 0 while the storage thread has not made the logdir."""
+    try:
+        return len(_events(logdir).Scalars(tag))
+    except Exception:
+        return 0
+
+
 def test_tensorboard_histograms_off_and_failures_are_counted(net: SmallNet, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
-    cfg = _config(tensorboard={"logdir": str(tmp_path), "histogram_every": 0})
+    logdir = tmp_path / "tb"
+    cfg = _config(tensorboard={"logdir": str(logdir), "histogram_every": 0})
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     with gradmon.attach(net, opt, config=cfg) as mon:
         _train(net, mon, opt, steps=2)
-        (sink,) = mon._sinks
-
-        def fail(item: object) -> None:
-            raise OSError("disk full")
-
-        sink._thread._handle = fail  # type: ignore[attr-defined]
+        assert _until(lambda: _scalar_count(logdir, "global/grad_norm") == 2)
+        assert _sink_errors(mon) == 0
+        # The logdir is replaced by a regular file: no event file can be made there.
+        shutil.rmtree(logdir)
+        logdir.write_text("not a directory")
         _train(net, mon, opt, steps=2)
-        mon.snapshot()
-    assert _events(tmp_path).Tags()["histograms"] == []
-    assert readings.errors(mon)["sink"] >= 1  # the writer thread's failure reached the guard
+        assert _until(lambda: _sink_errors(mon) >= 1)
+        logdir.unlink()  # storage back: a new event file, later steps arrive
+        _train(net, mon, opt, steps=2)
+        assert _until(lambda: _scalar_count(logdir, "global/grad_norm") == 2)
+    assert _events(logdir).Tags()["histograms"] == []
 
 
 def test_tensorboard_missing_is_a_clear_error(
@@ -352,16 +378,24 @@ for _ in range(7):
     assert len(_events(tmp_path / "tb").Scalars("global/grad_norm")) == 7
 
 
-def test_record_bad_paths_fail_at_attach(net: SmallNet, tmp_path: Path) -> None:
+def test_record_bad_paths_are_counted_not_raised(
+    net: SmallNet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(gradmon.GradmonError, match=r"record.path=.*cannot open"):
-        gradmon.attach(net, config=_config(record={"path": str(blocker / "r.jsonl")}))
+    path = blocker / "r.jsonl"  # under a regular file: mkdir fails, on the sink's thread
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    with gradmon.attach(net, opt, config=_config(record={"path": str(path)})) as mon:
+        _train(net, mon, opt, steps=2)
+        assert _until(lambda: _sink_errors(mon) >= 1)
+    said = [r.getMessage() for r in caplog.records if "record sink: open of" in r.getMessage()]
+    assert len(said) == 1 and str(path) in said[0] and "[Errno 17 EEXIST]" in said[0]
+    # A bad template is bad input, not storage: it still fails at attach().
     with pytest.raises(gradmon.GradmonError, match=r"only the placeholder \{rank\}"):
         gradmon.attach(net, config=_config(record={"path": str(tmp_path / "{step}.jsonl")}))
 
 
-def test_read_record_errors(tmp_path: Path) -> None:
+def test_read_record_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(gradmon.GradmonError, match="does not exist"):
         read_record(tmp_path / "missing.jsonl")
     empty = tmp_path / "empty.jsonl"
@@ -374,7 +408,9 @@ def test_read_record_errors(tmp_path: Path) -> None:
         read_record(bad)
     torn = tmp_path / "torn.jsonl"
     torn.write_text('{"step": 0, "layers": {}}\n{"step": 1, "lay')
-    assert [r["step"] for r in read_record(torn)] == [0]
+    with caplog.at_level(logging.WARNING, logger="gradmon"):
+        assert [r["step"] for r in read_record(torn)] == [0]
+    assert any("torn last line" in r.getMessage() for r in caplog.records)
     other = tmp_path / "other.jsonl"
     other.write_text("[1, 2]\n")
     with pytest.raises(gradmon.GradmonError, match="not a gradmon record line"):
@@ -395,37 +431,114 @@ def test_config_keys() -> None:
             gradmon.attach(torch.nn.Linear(2, 2), config={**NO_SERVER, **bad})
 
 
-# ------------------------------------------------------------- writer thread
-def test_background_writer_drops_when_full_never_blocks() -> None:
-    started, release = threading.Event(), threading.Event()
-    seen: list[int] = []
+# ------------------------------------------------------------- storage thread
+class _Held:
+    """A Storage whose write waits for `release` (a storage call that does not return)."""
 
-    def handle(item: int) -> None:
-        started.set()
-        release.wait(10)
-        seen.append(item)
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.seen: list[int] = []
 
-    writer: BackgroundWriter[int] = BackgroundWriter("test", handle, lambda: None, max_queue=1)
+    def open(self) -> None:
+        pass
+
+    def verify(self) -> None:
+        pass
+
+    def write(self, item: int) -> None:
+        self.started.set()
+        self.release.wait(60)
+        self.seen.append(item)
+
+    def flush(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_storage_writer_drops_when_full_never_blocks(caplog: pytest.LogCaptureFixture) -> None:
+    storage = _Held()
+    errors: list[BaseException] = []
+    writer: StorageWriter[int] = StorageWriter(
+        "test", "held", storage, max_queue=1, on_error=errors.append, interval=0.05
+    )
     writer.submit(1)
-    assert started.wait(10)  # the thread holds item 1 and waits
+    assert storage.started.wait(10)  # the thread holds item 1 and waits
     writer.submit(2)  # queued
-    with pytest.raises(SinkWriterError, match="queue full"):
-        writer.submit(3)  # dropped, at once
-    assert writer.dropped == 1
-    release.set()
+    writer.submit(3)  # dropped, at once, reported
+    writer.submit(4)
+    assert writer.lost == 2 and "queue full" in str(errors[-1]) and len(errors) == 2
+    said = [r.getMessage() for r in caplog.records if "queue is full" in r.getMessage()]
+    assert len(said) == 1 and "held" in said[0]  # logged once, with the path
+    storage.release.set()
     writer.close()
-    assert seen == [1, 2]
+    assert storage.seen == [1, 2] and writer.written == 2
 
 
-def test_background_writer_failure_is_raised_on_the_next_call() -> None:
-    def handle(item: int) -> None:
-        raise OSError("disk full")
+def test_storage_writer_without_on_error_raises_on_the_next_call() -> None:
+    class Full(_Held):
+        def write(self, item: int) -> None:
+            raise OSError(28, "No space left on device")
 
-    writer: BackgroundWriter[int] = BackgroundWriter("test", handle, lambda: None, max_queue=4)
+    writer: StorageWriter[int] = StorageWriter("test", "full", Full(), max_queue=4)
     writer.submit(1)
-    with pytest.raises(SinkWriterError, match="disk full"):
+    with pytest.raises(SinkWriterError, match="No space left"):
         writer.close()
     writer.close()  # idempotent
+    assert writer.lost == 1
+
+
+def test_storage_writer_item_failure_loses_that_item_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Picky(_Held):
+        def write(self, item: int) -> None:
+            if item % 2:
+                raise ValueError(f"cannot format {item}")
+            self.seen.append(item)
+
+    storage = Picky()
+    errors: list[BaseException] = []
+    writer: StorageWriter[int] = StorageWriter(
+        "test", "picky", storage, max_queue=8, on_error=errors.append
+    )
+    for i in range(4):
+        writer.submit(i)
+    writer.close()
+    assert storage.seen == [0, 2] and writer.lost == 2 and len(errors) == 2
+    said = [r.getMessage() for r in caplog.records if "could not be written" in r.getMessage()]
+    assert len(said) == 1 and "picky" in said[0]
+
+
+def test_storage_writer_reports_a_hang_and_leaves_it_behind_at_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = _Held()
+    errors: list[BaseException] = []
+    writer: StorageWriter[int] = StorageWriter(
+        "test",
+        "/hung/mount",
+        storage,
+        max_queue=4,
+        on_error=errors.append,
+        interval=0.05,
+        stall_after=0.2,
+        close_timeout=0.2,
+    )
+    try:
+        writer.submit(1)
+        assert _until(lambda: any("has not returned" in str(e) for e in errors))
+        writer.close()  # returns although the storage call never does
+        assert writer.left_behind and "left behind" in str(errors[-1])
+        said = [r.getMessage() for r in caplog.records if "/hung/mount" in r.getMessage()]
+        assert any("has not answered" in m for m in said)
+        assert any("left behind" in m for m in said)
+    finally:
+        storage.release.set()
 
 
 # ------------------------------------------------------------------------ CUDA
@@ -434,14 +547,13 @@ def test_background_writer_failure_is_raised_on_the_next_call() -> None:
 def test_tensorboard_on_collect_never_syncs_on_cuda(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     net = SmallNet().cuda()
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
     cfg = _config(tensorboard={"logdir": str(tmp_path), "histogram_every": 1})
-    with gradmon.attach(net, opt, config=cfg) as mon:
-        (sink,) = mon._sinks
+    (sink,) = build_sinks(gradmon.Config.model_validate(cfg))
+    try:
         for deterministic in (False, True):
             torch.use_deterministic_algorithms(deterministic)
             try:
-                opt.zero_grad()
+                net.zero_grad()
                 net(torch.randn(4, 8, device="cuda")).pow(2).mean().backward()
                 grads = {n: [p.grad] for n, p in net.named_parameters()}
                 torch.cuda.synchronize()
@@ -452,7 +564,7 @@ def test_tensorboard_on_collect_never_syncs_on_cuda(tmp_path: Path) -> None:
                     torch.cuda.set_sync_debug_mode(0)
             finally:
                 torch.use_deterministic_algorithms(False)
-        opt.step()
-        mon.snapshot(wait=True)
+    finally:
+        sink.close()
     hist = _events(tmp_path).Histograms("grad_hist/fc1.weight")
     assert hist and hist[0].histogram_value.num == 16 * 8

@@ -92,6 +92,12 @@ class Counters:
         except Exception as exc:
             self.count_error(stage, exc)
 
+    def count(self, stage: str, _exc: BaseException | None = None) -> None:
+        """Count a failure that its own part has logged already (the sinks log each
+        storage episode with its path and errno). Thread-safe, never blocks for long."""
+        with self.lock:
+            self.errors[stage] = self.errors.get(stage, 0) + 1
+
     def count_error(self, stage: str, exc: BaseException) -> None:
         with self.lock:
             self.errors[stage] = self.errors.get(stage, 0) + 1

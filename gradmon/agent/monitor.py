@@ -85,7 +85,9 @@ class Monitor:
         self._index = index = LayerIndex.build(named, cfg)
         self._steps = Steps(cfg.collect.every_n_steps)
         try:
-            self._sinks = build_sinks(cfg)
+            # Storage errors are reported from the sinks' own threads while they happen;
+            # the sinks log each episode themselves.
+            self._sinks = build_sinks(cfg, functools.partial(counters.count, "sink"))
             self._features = build_features(cfg, model, index, optimizer)
             arrivals = GradArrivals(len(named))
             gatherer = Gatherer(index, counters.skip, model, optimizer)

@@ -34,27 +34,44 @@ in the same file) or written to a fresh file (`overwrite`):
 Readable without gradmon: `pandas.read_json(path, lines=True)` (one row per snapshot;
 `pandas.json_normalize(df["layers"])` for the per-layer columns), or `json.loads` per line.
 
-Lines are formatted and written by a background thread (the training thread only queues
-the snapshot), flushed whenever the queue is drained, and on `Monitor.close()`.
+Storage. The training thread only queues the snapshot: a storage thread
+(gradmon/sinks/writer.py) makes the directory, opens the file, formats and appends the
+lines (one write per line), and fsyncs after each batch (`record.fsync`; twice a second
+at most), so a full, read-only, deleted or hung storage never blocks `attach()` or a
+training step. While the storage fails, each failed batch counts one
+`gradmon_agent_errors_total{stage="sink"}` (a hung call counts once per 0.5 s after
+`record.stall_after` seconds), the first failure is logged with the path and errno, the
+snapshots of that time are lost, and the next batch opens the file again, so writing goes
+on once the storage is back (a deleted directory is made again). The file holds whole
+lines only: a line the storage refused part of is cut off again, and a torn last line left
+by a killed writer is cut off before appending (readers skip one with a warning).
+`Monitor.close()` waits at most `record.close_timeout` seconds for the queued lines.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import json
+import logging
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
 from gradmon.config import RecordConfig
 from gradmon.errors import GradmonError
-from gradmon.sinks._common import BackgroundWriter, expand_path, finite_or_none, to_float
+from gradmon.sinks._common import expand_path, finite_or_none, to_float
+from gradmon.sinks.writer import ErrorFn, StorageWriter
 from gradmon.snapshot import ActivationStats, LayerStats, Snapshot
 
 __all__ = ["RecordSink", "read_record", "snapshot_record"]
+
+log = logging.getLogger("gradmon")
 
 
 def _layer_record(s: LayerStats) -> dict[str, Any]:
@@ -110,32 +127,163 @@ def snapshot_record(snapshot: Snapshot, scalars: Mapping[str, Any]) -> dict[str,
     return record
 
 
-class RecordSink:
-    """Appends one JSON line per published snapshot to `record.path`."""
+class _RecordFile:
+    """The record file's storage, driven by the sink's storage thread only.
 
-    def __init__(self, config: RecordConfig) -> None:
+    Appends with O_APPEND, one os.write per line. A line the storage refused part of
+    (ENOSPC after a partial write) is cut off again with ftruncate, so the file holds
+    whole lines only; if even that fails, the cut is retried before the next line. A
+    torn last line left in the file by a killed writer is cut off at open. (Both for
+    regular files; a FIFO or a device gets the bytes as they come.)
+    """
+
+    def __init__(self, path: Path, mode: str, fsync: bool) -> None:
+        self.path = path
+        self._truncate = mode == "overwrite"  # only the first successful open
+        self._fsync = fsync
+        self._fd: int | None = None
+        self._ident: tuple[int, int] = (0, 0)
+        self._regular = False
+        self._good = 0  # size of the file up to its last whole line
+        self._dirty = False  # a failed write may have left bytes past _good
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        if self._truncate:
+            flags |= os.O_TRUNC
+        fd = os.open(self.path, flags, 0o644)  # a FIFO with no reader blocks here
+        try:
+            st = os.fstat(fd)
+            self._regular = stat.S_ISREG(st.st_mode)
+            self._good = _cut_torn_tail(fd, st.st_size, self.path) if self._regular else 0
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._ident, self._dirty = fd, (st.st_dev, st.st_ino), False
+        self._truncate = False
+
+    def verify(self) -> None:
+        assert self._fd is not None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                errno.ENOENT, "the record file was deleted while open", str(self.path)
+            ) from None
+        if (st.st_dev, st.st_ino) != self._ident:
+            raise FileNotFoundError(
+                errno.ENOENT, "the record file was replaced while open", str(self.path)
+            )
+        if self._regular and not self._dirty:
+            self._good = os.fstat(self._fd).st_size
+
+    def write(self, item: tuple[Snapshot, dict[str, Any]]) -> None:
+        assert self._fd is not None
+        line = json.dumps(snapshot_record(*item), allow_nan=False, separators=(",", ":"))
+        raw = (line + "\n").encode()
+        data = memoryview(raw)
+        if self._dirty:
+            os.ftruncate(self._fd, self._good)
+            self._dirty = False
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError:
+            if self._regular:
+                self._dirty = True
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._good)  # no torn line: cut it off
+                    self._dirty = False
+            raise
+        if self._regular:
+            self._good += len(raw)
+
+    def flush(self) -> None:
+        if self._fsync and self._regular and self._fd is not None:
+            # A network filesystem (NFS) reports write errors at fsync/close, not write.
+            os.fsync(self._fd)
+
+    def abandon(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _cut_torn_tail(fd: int, size: int, path: Path) -> int:
+    """Cut a torn last line (no newline at the end) off a record file; the new size.
+    `fd` is write-only (a FIFO opened read-write would never block nor reach a reader):
+    the tail is read through a second, read-only descriptor."""
+    if size == 0:
+        return size
+    rfd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if os.pread(rfd, 1, size - 1) == b"\n":
+            return size
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            cut = os.pread(rfd, end - start, start).rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            end = start
+    finally:
+        os.close(rfd)
+    os.ftruncate(fd, end)
+    log.warning(
+        "gradmon: record file %s ended in a torn line (%d bytes, left by a writer that was "
+        "killed or whose storage failed): cut off before appending",
+        path,
+        size - end,
+    )
+    return end
+
+
+class RecordSink:
+    """Appends one JSON line per published snapshot to `record.path`.
+
+    Nothing touches the storage on the caller's thread: the file is made, opened, written
+    and closed by a StorageWriter thread (gradmon/sinks/writer.py), so a hung or failing
+    storage costs snapshots, never training time. A path that cannot be written is
+    reported through `on_error` (gradmon_agent_errors_total{stage="sink"}) while it fails
+    and logged once with the errno, not raised at attach().
+    """
+
+    def __init__(self, config: RecordConfig, on_error: ErrorFn | None = None) -> None:
         assert config.path is not None
         self.path = Path(expand_path(config.path, "record.path"))
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Opened here, on attach(), so an unwritable path fails early.
-            self._file: TextIO = open(  # noqa: SIM115 - closed in close()
-                self.path, "a" if config.mode == "append" else "w", encoding="utf-8"
-            )
-        except OSError as exc:
-            raise GradmonError(
-                f"record.path={config.path!r}: cannot open {self.path} for writing "
-                f"({exc.strerror or exc})"
-            ) from None
         self._every = config.every
         self._published = 0
-        self._writer: BackgroundWriter[tuple[Snapshot, dict[str, Any]]] = BackgroundWriter(
-            "record", self._write, self._file.flush, config.max_queue
+        self._writer: StorageWriter[tuple[Snapshot, dict[str, Any]]] = StorageWriter(
+            "record",
+            str(self.path),
+            _RecordFile(self.path, config.mode, config.fsync),
+            max_queue=config.max_queue,
+            on_error=on_error,
+            stall_after=config.stall_after,
+            close_timeout=config.close_timeout,
         )
         self._closed = False
         # The writer thread is a daemon: a script that never closes its Monitor still gets
-        # the queued lines written at exit.
+        # the queued lines written at exit (within close_timeout).
         atexit.register(self.close)
+
+    @property
+    def lost(self) -> int:
+        """Snapshots that did not reach the file (storage errors, full queue, close)."""
+        return self._writer.lost
+
+    @property
+    def written(self) -> int:
+        """Lines the storage accepted."""
+        return self._writer.written
 
     def on_collect(self, step: int, grads: Mapping[str, list[torch.Tensor]]) -> None:
         pass
@@ -146,27 +294,22 @@ class RecordSink:
             return
         self._writer.submit((snapshot, dict(scalars)))
 
-    def _write(self, item: tuple[Snapshot, dict[str, Any]]) -> None:
-        line = json.dumps(snapshot_record(*item), allow_nan=False, separators=(",", ":"))
-        self._file.write(line + "\n")
-
     def close(self) -> None:
-        """Write what is queued and close the file. Idempotent; also runs at exit."""
+        """Write what is queued and close the file, waiting at most record.close_timeout
+        seconds. Idempotent; also runs at exit."""
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self.close)
-        try:
-            self._writer.close()
-        finally:
-            self._file.close()
+        self._writer.close()
 
 
 def read_record(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The lines of a record file as dicts (nulls kept as None), in file order.
 
     Raises GradmonError for a missing, unreadable or empty file or a line that is not a
-    JSON object; a torn last line (the writer was killed mid-line) is ignored.
+    JSON object; a torn last line (the writer was killed mid-line) is skipped with a
+    warning.
     """
     p = Path(path)
     try:
@@ -186,7 +329,14 @@ def read_record(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             if number == len(lines) and not text.endswith("\n"):
-                break  # torn last line of a killed run
+                log.warning(
+                    "gradmon: record file %s: skipping a torn last line (line %d, %d bytes; "
+                    "its writer was killed mid-line)",
+                    p,
+                    number,
+                    len(line),
+                )
+                break
             raise GradmonError(f"record file {p}, line {number}: not JSON ({exc.msg})") from None
         if not isinstance(obj, dict) or "step" not in obj or "layers" not in obj:
             raise GradmonError(

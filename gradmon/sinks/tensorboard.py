@@ -29,6 +29,16 @@ snapshot and counts an agent error rather than slow training down. Event records
 checksummed with google-crc32c when installed (see use_native_crc32c). Measured overhead:
 README, "TensorBoard, record file and plots".
 
+Storage. The SummaryWriter itself (mkdir of the logdir, a new event file) is made on that
+thread too, never at attach(), and every write is followed by a flush there, which
+surfaces the errors of TensorBoard's own event thread. A failure (ENOSPC, EROFS, a logdir
+deleted or turned into a file) drops the writer: the batch is lost and counted in
+gradmon_agent_errors_total{stage="sink"} (through build_sinks' on_error), the episode is
+logged once with the logdir and errno, and the next batch opens a new writer, i.e. a new
+event file in the same logdir, so the sink goes on when the storage does. A hung storage
+is reported by the watchdog of gradmon/sinks/writer.py; close() waits at most
+`tensorboard.close_timeout` seconds.
+
 Uses torch.utils.tensorboard's SummaryWriter (needs the `tensorboard` package) or,
 when that is missing or `tensorboard.writer: tensorboardX`, tensorboardX's.
 """
@@ -36,9 +46,12 @@ when that is missing or `tensorboard.writer: tensorboardX`, tensorboardX's.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import math
+import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,13 +59,15 @@ import torch
 
 from gradmon.config import TensorboardConfig
 from gradmon.errors import GradmonError
-from gradmon.sinks._common import BackgroundWriter, expand_path, to_float
+from gradmon.sinks._common import expand_path, to_float
+from gradmon.sinks.writer import ErrorFn, StorageWriter
 from gradmon.snapshot import ANOMALY_KINDS, Snapshot
 
 __all__ = [
     "HIST_HEAD",
     "HistogramMethod",
     "TensorBoardSink",
+    "check_writer",
     "histogram_row",
     "open_writer",
     "use_native_crc32c",
@@ -121,44 +136,53 @@ def use_native_crc32c(library: str) -> bool:
     return x_writer.crc32c is not pure.crc32c
 
 
-def open_writer(logdir: str, config: TensorboardConfig) -> tuple[Any, Any]:
-    """(SummaryWriter, Summary proto class or None) for the configured writer library.
-
-    The proto class lets the writer thread put all of a step's scalars in one event
-    (~5x cheaper than one add_scalar call per value); None falls back to add_scalar.
-    """
+def _writer_library(config: TensorboardConfig) -> tuple[str, Any]:
+    """("torch" | "tensorboardX", its SummaryWriter class): imports only, no I/O."""
     choice = config.writer
     errors: list[str] = []
     if choice in ("auto", "torch"):
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(logdir, max_queue=100, flush_secs=config.flush_secs)
-            use_native_crc32c("torch")
-            try:
-                from tensorboard.compat.proto.summary_pb2 import Summary
-            except ImportError:  # pragma: no cover - comes with tensorboard
-                Summary = None
-            return writer, Summary
+            return "torch", SummaryWriter
         except ImportError as exc:
             errors.append(f"torch.utils.tensorboard: {exc}")
     if choice in ("auto", "tensorboardX"):
         try:
             import tensorboardX
 
-            writer = tensorboardX.SummaryWriter(logdir, max_queue=100, flush_secs=config.flush_secs)
-            use_native_crc32c("tensorboardX")
-            try:
-                from tensorboardX.proto.summary_pb2 import Summary as SummaryX
-            except ImportError:  # pragma: no cover - comes with tensorboardX
-                SummaryX = None
-            return writer, SummaryX
+            return "tensorboardX", tensorboardX.SummaryWriter
         except ImportError as exc:
             errors.append(f"tensorboardX: {exc}")
     raise GradmonError(
         f"tensorboard.logdir is set (writer: {choice}) but no TensorBoard writer can be "
         f"imported ({'; '.join(errors)}): pip install 'gradmon[tensorboard]'"
     )
+
+
+def check_writer(config: TensorboardConfig) -> None:
+    """Raise GradmonError at attach() when no TensorBoard writer can be imported."""
+    _writer_library(config)
+
+
+def open_writer(logdir: str, config: TensorboardConfig) -> tuple[Any, Any]:
+    """(SummaryWriter, Summary proto class or None) for the configured writer library.
+    Makes the logdir and an event file: call it on the storage thread only.
+
+    The proto class lets the writer thread put all of a step's scalars in one event
+    (~5x cheaper than one add_scalar call per value); None falls back to add_scalar.
+    """
+    library, writer_class = _writer_library(config)
+    writer = writer_class(logdir, max_queue=100, flush_secs=config.flush_secs)
+    use_native_crc32c(library)
+    try:
+        if library == "torch":
+            from tensorboard.compat.proto import summary_pb2
+        else:
+            from tensorboardX.proto import summary_pb2
+    except ImportError:  # pragma: no cover - both libraries ship their protos
+        return writer, None
+    return writer, summary_pb2.Summary
 
 
 HistogramMethod = Literal["auto", "histc", "sort"]
@@ -252,20 +276,162 @@ class _Item:
     histograms: list[_Histograms]
 
 
-class TensorBoardSink:
-    """Writes snapshots as TensorBoard scalars, text and histograms (see module doc)."""
+class _EventFiles:
+    """TensorBoard event files as a Storage (gradmon/sinks/writer.py): the SummaryWriter is
+    made (mkdir, a new event file), written, flushed and closed on the storage thread only.
 
-    def __init__(self, config: TensorboardConfig, activations: bool = False) -> None:
+    After a failure the writer is dropped and the next batch opens a new one: a new event
+    file in the same logdir (TensorBoard reads every event file of a run), so the sink
+    goes on once the storage is back, and a file that may end in a torn record is never
+    appended to again (readers stop at a torn last record).
+    """
+
+    def __init__(self, logdir: str, config: TensorboardConfig, layout: dict[str, Any]) -> None:
+        self.logdir = logdir
+        self._config = config
+        self._layout = layout
+        self._writer: Any = None
+        self._summary: Any = None
+
+    def open(self) -> None:
+        self._writer, self._summary = open_writer(self.logdir, self._config)
+        self._writer.add_custom_scalars(self._layout)
+
+    def verify(self) -> None:
+        if "://" not in self.logdir and not os.path.isdir(self.logdir):
+            raise FileNotFoundError(errno.ENOENT, "the logdir was deleted", self.logdir)
+
+    def flush(self) -> None:
+        with _storage_errors():
+            self._writer.flush()
+            # tensorboardX's event thread dies on a write error without telling anyone.
+            file_writer = self._writer._get_file_writer()
+            worker: Any = getattr(getattr(file_writer, "event_writer", None), "_worker", False)
+            if worker is None or (worker is not False and not worker.is_alive()):
+                raise OSError(errno.EIO, "tensorboardX's event writer thread died")
+
+    def abandon(self) -> None:
+        writer, self._writer = self._writer, None
+        with contextlib.suppress(Exception):
+            writer.close()
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with _storage_errors():
+                writer.close()
+
+    def write(self, item: _Item) -> None:
+        snap = item.snapshot
+        wall = snap.timestamp or None
+        values: list[tuple[str, float]] = [
+            ("global/grad_norm", snap.global_norm),
+            ("global/nonfinite", float(snap.nonfinite)),
+            ("global/skipped", float(snap.skipped)),
+        ]
+        for name, s in snap.layers.items():
+            values.extend((f"{tag}/{name}", float(getattr(s, attr))) for tag, attr in LAYER_TAGS)
+            values.append((f"grad_nonfinite/{name}", float(s.nan_count + s.inf_count)))
+            if s.update_ratio is not None:
+                values.append((f"update_ratio/{name}", s.update_ratio))
+        for name, act in snap.activations.items():
+            values.extend((f"{t}/{name}", float(getattr(act, attr))) for t, attr in ACTIVATION_TAGS)
+            values.append((f"activation_nonfinite/{name}", float(act.nan_count + act.inf_count)))
+        kinds = dict.fromkeys(ANOMALY_KINDS, 0)
+        for a in snap.anomalies:
+            kinds[a.kind] = kinds.get(a.kind, 0) + 1
+        values.extend((f"anomalies/{kind}", float(n)) for kind, n in kinds.items())
+        values.extend((f"scalar/{k}", to_float(v)) for k, v in item.scalars.items())
+        histograms = [self._histogram_args(hist) for hist in item.histograms]
+        with _storage_errors():  # from here on, only the writer's calls
+            self._write_scalars(values, snap.step, wall)
+            if snap.anomalies:
+                rows = "\n".join(
+                    f"| {a.layer} | {a.kind} | {a.value:.4g} |" for a in snap.anomalies
+                )
+                self._writer.add_text(
+                    "anomalies", "| layer | kind | value |\n|---|---|---|\n" + rows, snap.step, wall
+                )
+            for hist_args in histograms:
+                for kwargs in hist_args:
+                    self._writer.add_histogram_raw(**kwargs, walltime=wall)
+
+    def _write_scalars(
+        self, values: list[tuple[str, float]], step: int, wall: float | None
+    ) -> None:
+        if self._summary is not None:
+            summary = self._summary()
+            add = summary.value.add  # 3x faster than building Value objects first
+            for tag, v in values:
+                add(tag=tag, simple_value=v)
+            self._writer._get_file_writer().add_summary(summary, step, wall)
+        else:  # pragma: no cover - both libraries ship their protos
+            for tag, v in values:
+                self._writer.add_scalar(tag, v, step, wall)
+
+    def _histogram_args(self, hist: _Histograms) -> list[dict[str, Any]]:
+        bins = self._config.histogram_bins
+        out: list[dict[str, Any]] = []
+        for names, table, event in hist.parts:
+            if event is not None:
+                event.synchronize()  # sync-ok: the storage thread, not the training thread
+            rows = table.cpu().tolist()
+            for name, row in zip(names, rows, strict=True):
+                lo, hi, num, total, sum_sq = row[:HIST_HEAD]
+                counts = row[HIST_HEAD:]
+                if num <= 0:
+                    continue  # no finite entry: nothing to draw
+                if hi > lo:
+                    limits = [lo + (hi - lo) * (k + 1) / bins for k in range(bins)]
+                else:  # every finite entry has the same value
+                    limits, counts = [hi], [num]
+                out.append(
+                    {
+                        "tag": f"grad_hist/{name}",
+                        "min": lo,
+                        "max": hi,
+                        "num": num,
+                        "sum": total,
+                        "sum_squares": sum_sq,
+                        "bucket_limits": limits,
+                        "bucket_counts": counts,
+                        "global_step": hist.step,
+                    }
+                )
+        return out
+
+
+@contextlib.contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Whatever the event writer raises is a storage failure (its thread re-raises a write
+    error on every later call): an OSError, so the storage thread opens a new writer."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        raise OSError(errno.EIO, f"event writer failed: {exc!r}") from exc
+
+
+class TensorBoardSink:
+    """Writes snapshots as TensorBoard scalars, text and histograms (see module doc).
+
+    Nothing touches the storage on the caller's thread: the SummaryWriter is made (mkdir,
+    event file) and used on a StorageWriter thread (gradmon/sinks/writer.py); a logdir
+    that cannot be written is reported through `on_error` while it fails, not raised at
+    attach(). A missing TensorBoard library still fails at attach().
+    """
+
+    def __init__(
+        self,
+        config: TensorboardConfig,
+        activations: bool = False,
+        on_error: ErrorFn | None = None,
+    ) -> None:
         assert config.logdir is not None
         self.logdir = expand_path(config.logdir, "tensorboard.logdir")
         self._config = config
-        try:
-            self._writer, self._summary = open_writer(self.logdir, config)
-        except OSError as exc:
-            raise GradmonError(
-                f"tensorboard.logdir={config.logdir!r}: cannot write event files in "
-                f"{self.logdir} ({exc.strerror or exc})"
-            ) from None
+        check_writer(config)
         self._collections = 0
         self._histograms: list[_Histograms] = []  # computed, waiting for their snapshot
         # on_publish may run on a thread calling Monitor.snapshot() while the training
@@ -274,16 +440,30 @@ class TensorBoardSink:
         tags = [t for t, _ in LAYER_TAGS] + ["grad_nonfinite", "update_ratio", "anomalies"]
         if activations:
             tags += [t for t, _ in ACTIVATION_TAGS] + ["activation_nonfinite"]
-        self._writer.add_custom_scalars(
-            {"gradmon (all layers)": {tag: ["Multiline", [rf"^{tag}/"]] for tag in tags}}
-        )
-        self._thread: BackgroundWriter[_Item] = BackgroundWriter(
-            "tensorboard", self._write, lambda: None, config.max_queue
+        layout = {"gradmon (all layers)": {tag: ["Multiline", [rf"^{tag}/"]] for tag in tags}}
+        self._thread: StorageWriter[_Item] = StorageWriter(
+            "tensorboard",
+            self.logdir,
+            _EventFiles(self.logdir, config, layout),
+            max_queue=config.max_queue,
+            on_error=on_error,
+            stall_after=config.stall_after,
+            close_timeout=config.close_timeout,
         )
         self._closed = False
         # The writer thread is a daemon: a script that never closes its Monitor still gets
-        # the queued snapshots written at exit.
+        # the queued snapshots written at exit (within close_timeout).
         atexit.register(self.close)
+
+    @property
+    def lost(self) -> int:
+        """Snapshots that did not reach the event files (storage errors, full queue, close)."""
+        return self._thread.lost
+
+    @property
+    def written(self) -> int:
+        """Snapshots the event writer accepted."""
+        return self._thread.written
 
     # ------------------------------------------------------------ training thread
     def on_collect(self, step: int, grads: Mapping[str, list[torch.Tensor]]) -> None:
@@ -338,84 +518,10 @@ class TensorBoardSink:
         self._thread.submit(_Item(snapshot, dict(scalars), ready))
 
     def close(self) -> None:
-        """Write what is queued and close the event file. Idempotent; also runs at exit."""
+        """Write what is queued and close the event file, waiting at most
+        tensorboard.close_timeout seconds. Idempotent; also runs at exit."""
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self.close)
-        try:
-            self._thread.close()
-        finally:
-            self._writer.close()
-
-    # -------------------------------------------------------------- writer thread
-    def _write(self, item: _Item) -> None:
-        snap = item.snapshot
-        wall = snap.timestamp or None
-        values: list[tuple[str, float]] = [
-            ("global/grad_norm", snap.global_norm),
-            ("global/nonfinite", float(snap.nonfinite)),
-            ("global/skipped", float(snap.skipped)),
-        ]
-        for name, s in snap.layers.items():
-            values.extend((f"{tag}/{name}", float(getattr(s, attr))) for tag, attr in LAYER_TAGS)
-            values.append((f"grad_nonfinite/{name}", float(s.nan_count + s.inf_count)))
-            if s.update_ratio is not None:
-                values.append((f"update_ratio/{name}", s.update_ratio))
-        for name, act in snap.activations.items():
-            values.extend((f"{t}/{name}", float(getattr(act, attr))) for t, attr in ACTIVATION_TAGS)
-            values.append((f"activation_nonfinite/{name}", float(act.nan_count + act.inf_count)))
-        kinds = dict.fromkeys(ANOMALY_KINDS, 0)
-        for a in snap.anomalies:
-            kinds[a.kind] = kinds.get(a.kind, 0) + 1
-        values.extend((f"anomalies/{kind}", float(n)) for kind, n in kinds.items())
-        values.extend((f"scalar/{k}", to_float(v)) for k, v in item.scalars.items())
-        self._write_scalars(values, snap.step, wall)
-        if snap.anomalies:
-            rows = "\n".join(f"| {a.layer} | {a.kind} | {a.value:.4g} |" for a in snap.anomalies)
-            self._writer.add_text(
-                "anomalies", "| layer | kind | value |\n|---|---|---|\n" + rows, snap.step, wall
-            )
-        for hist in item.histograms:
-            self._write_histograms(hist, wall)
-
-    def _write_scalars(
-        self, values: list[tuple[str, float]], step: int, wall: float | None
-    ) -> None:
-        if self._summary is not None:
-            summary = self._summary()
-            add = summary.value.add  # 3x faster than building Value objects first
-            for tag, v in values:
-                add(tag=tag, simple_value=v)
-            self._writer._get_file_writer().add_summary(summary, step, wall)
-        else:  # pragma: no cover - both libraries ship their protos
-            for tag, v in values:
-                self._writer.add_scalar(tag, v, step, wall)
-
-    def _write_histograms(self, hist: _Histograms, wall: float | None) -> None:
-        bins = self._config.histogram_bins
-        for names, table, event in hist.parts:
-            if event is not None:
-                event.synchronize()  # sync-ok: the writer thread, not the training thread
-            rows = table.cpu().tolist()
-            for name, row in zip(names, rows, strict=True):
-                lo, hi, num, total, sum_sq = row[:HIST_HEAD]
-                counts = row[HIST_HEAD:]
-                if num <= 0:
-                    continue  # no finite entry: nothing to draw
-                if hi > lo:
-                    limits = [lo + (hi - lo) * (k + 1) / bins for k in range(bins)]
-                else:  # every finite entry has the same value
-                    limits, counts = [hi], [num]
-                self._writer.add_histogram_raw(
-                    f"grad_hist/{name}",
-                    min=lo,
-                    max=hi,
-                    num=num,
-                    sum=total,
-                    sum_squares=sum_sq,
-                    bucket_limits=limits,
-                    bucket_counts=counts,
-                    global_step=hist.step,
-                    walltime=wall,
-                )
+        self._thread.close()
