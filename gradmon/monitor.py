@@ -48,7 +48,7 @@ from gradmon import distributed, lifecycle
 from gradmon.activations import ActivationTracker
 from gradmon.config import Config, load_config
 from gradmon.errors import GradmonError
-from gradmon.exporter import (
+from gradmon.export.collector import (
     AGENT_STAGES,
     DURATION_BUCKETS,
     GLOBAL_NORM_BUCKETS,

@@ -27,7 +27,7 @@ import yaml
 
 from gradmon.config import Config
 from gradmon.errors import GradmonError
-from gradmon.exporter import GLOBAL_NORM_BUCKETS
+from gradmon.export.collector import GLOBAL_NORM_BUCKETS
 
 __all__ = [
     "ALERT_NAMES",
