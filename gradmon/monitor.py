@@ -58,8 +58,8 @@ from gradmon.export.collector import (
     RankLabelled,
     scalar_value,
 )
+from gradmon.export.server import MetricsServer
 from gradmon.health import HealthRules
-from gradmon.server import MetricsServer
 from gradmon.sinks import Sink, build_sinks
 from gradmon.snapshot import (
     LayerStats,

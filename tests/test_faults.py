@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import gradmon
-from gradmon.export import collector as exporter
 from gradmon import monitor as monitor_module
+from gradmon.export import collector as exporter
 from gradmon.export.collector import AGENT_STAGES
 from gradmon.sinks.record import RecordSink
 from gradmon.stats import Col, cpu, generic, reference

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gradmon import GradmonError
 from gradmon.config import ExporterConfig
-from gradmon.server import MetricsServer
+from gradmon.export.server import MetricsServer
 
 SECRET = "s3cret-Passw0rd"
 
