@@ -1,13 +1,13 @@
-"""Prometheus exposition: a custom Collector over the monitor's latest state, and its server.
+"""The gradmon families, built from the agent's state handed in at each scrape.
 
-`collect()` runs on the scrape thread and only reads a copy of the state that the monitor
-takes under its lock; it never computes statistics and never touches the training thread.
+`collect()` runs on the scrape thread: it asks `state_fn` for a consistent copy of what
+/metrics shows (an ExportState, taken under the agent's lock) and builds the families from
+it; it never computes statistics and never touches the training thread.
 """
 
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,21 +22,20 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from gradmon.export import schema
+from gradmon.export.schema import AGENT_STAGES, DURATION_BUCKETS, GLOBAL_NORM_BUCKETS, Family
 from gradmon.snapshot import Snapshot
 
-log = logging.getLogger("gradmon")
-
-AGENT_STAGES = ("hook", "collect", "publish", "scaler", "sink", "export")
-
-
-def log_buckets(lo_exp: int, hi_exp: int, per_decade: int) -> tuple[float, ...]:
-    """Upper bounds 10**lo_exp .. 10**hi_exp, `per_decade` per power of ten."""
-    n = (hi_exp - lo_exp) * per_decade
-    return tuple(float(f"{10 ** (lo_exp + i / per_decade):.3g}") for i in range(n + 1))
-
-
-GLOBAL_NORM_BUCKETS = log_buckets(-8, 8, 2)
-DURATION_BUCKETS = log_buckets(-5, 1, 3)
+__all__ = [
+    "AGENT_STAGES",
+    "DURATION_BUCKETS",
+    "GLOBAL_NORM_BUCKETS",
+    "ExportState",
+    "GradmonCollector",
+    "Histogram",
+    "RankLabelled",
+    "scalar_value",
+]
 
 
 class Histogram:
@@ -93,6 +92,41 @@ class ExportState:
     activation_nonfinite_total: dict[str, int] = field(default_factory=dict)
 
 
+_FAMILY_TYPES: dict[str, type[Metric]] = {
+    "gauge": GaugeMetricFamily,
+    "counter": CounterMetricFamily,
+    "histogram": HistogramMetricFamily,
+}
+
+
+class _Rank:
+    """The `rank` label every sample carries under several ranks (none under one)."""
+
+    def __init__(self, rank: int | None) -> None:
+        self.names = [schema.RANK] if rank is not None else []
+        self.values = [str(rank)] if rank is not None else []
+
+    def family(self, f: Family) -> Metric:
+        """An empty family of `f`, its labels followed by the rank's."""
+        return _FAMILY_TYPES[f.type](f.name, f.help, labels=[*f.labels, *self.names])
+
+    def single(self, f: Family, value: float) -> Metric:
+        """A family of one sample with no labels but the rank's."""
+        m = self.family(f)
+        m.add_metric(self.values, value)  # type: ignore[attr-defined]
+        return m
+
+
+@dataclass
+class _Bulk:
+    """The per-layer families of one published snapshot and their rendered bytes, by
+    content type: thousands of samples, built and encoded once per snapshot."""
+
+    key: tuple[object, ...]
+    families: list[Metric]
+    rendered: dict[str, bytes] = field(default_factory=dict)
+
+
 class GradmonCollector(Collector):
     """The gradmon families. With `on_error`, a failure while building them is reported
     there (counted under stage `export`) and the families built so far are served, so a
@@ -105,9 +139,8 @@ class GradmonCollector(Collector):
     ) -> None:
         self._state_fn = state_fn
         self._on_error = on_error
-        # The per-layer families rendered once per published snapshot (see exposition()).
-        self._layer_cache: dict[str, tuple[tuple[object, ...], bytes]] = {}
-        self._cache_lock = threading.Lock()
+        self._bulk: _Bulk | None = None  # the latest snapshot's per-layer families
+        self._bulk_lock = threading.Lock()
 
     def describe(self) -> list[Metric]:
         # Empty: the families depend on the run, and registering must not call collect().
@@ -115,150 +148,77 @@ class GradmonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            yield from self._families()
+            st = self._state_fn()
+            yield from _live_families(st)
+            bulk = self._bulk_of(st)
+            if bulk is not None:
+                yield from bulk.families
         except Exception as exc:
             if self._on_error is None:
                 raise
             self._on_error(exc)
 
     def exposition(self, registry: Collector, accept: str) -> tuple[bytes, str]:
-        """The registry's exposition for a scrape, with the per-layer families (the bulk:
-        thousands of samples) rendered once per published snapshot and reused: scrapers
-        hammering /metrics then hold the GIL, which the training thread needs, for the
-        small live part only (counters, scalars, loss scale, process metrics)."""
+        """The registry's exposition for a scrape, byte for byte what prometheus_client
+        renders, with the per-layer families (the bulk: thousands of samples) encoded once
+        per published snapshot and reused: scrapers hammering /metrics then hold the GIL,
+        which the training thread needs, for the small live part only (counters, scalars,
+        loss scale, process metrics)."""
         encoder, content_type = choose_encoder(accept)
-        _render.apart, _render.state = True, None
-        try:
-            live = encoder(registry)
-            st: ExportState | None = _render.state
-        finally:
-            _render.apart, _render.state = False, None
-        if st is None or not st.per_layer or st.snapshot is None:
-            return live, content_type
+        parts: list[bytes] = []
+        batch: list[Metric] = []
+        skip = 0
+        for metric in registry.collect():
+            if skip:  # the rest of the bulk, already in parts
+                skip -= 1
+                continue
+            # The bulk's families are the very objects collect() handed out, one after
+            # the other. (A scrape beside this one may have replaced the bulk since: its
+            # families are then encoded like the others below, still correct.)
+            bulk = self._bulk
+            if bulk is not None and bulk.families and metric is bulk.families[0]:
+                if batch:
+                    parts.append(_strip_eof(encoder(_Families(batch))))
+                    batch = []
+                parts.append(self._rendered(bulk, encoder, content_type))
+                skip = len(bulk.families) - 1
+            else:
+                batch.append(metric)
+        if batch:
+            parts.append(_strip_eof(encoder(_Families(batch))))
+        return b"".join(parts) + _eof(encoder), content_type
+
+    def _bulk_of(self, st: ExportState) -> _Bulk | None:
         snap = st.snapshot
+        if not st.per_layer or snap is None:
+            return None
         key = (id(snap), snap.step, st.collections_total, st.rank, len(st.layer_names))
-        with self._cache_lock:  # one scraper renders, the others wait and reuse
-            cached = self._layer_cache.get(content_type)
-            if cached is None or cached[0] != key:
-                try:
-                    rank_names = ["rank"] if st.rank is not None else []
-                    rank_values = [str(st.rank)] if st.rank is not None else []
-                    families = list(_layer_families(st, snap, rank_names, rank_values))
-                    cached = (key, encoder(_Families(families)))
-                except Exception as exc:
-                    if self._on_error is None:
-                        raise
-                    self._on_error(exc)
-                    return live, content_type
-                self._layer_cache[content_type] = cached
-        eof = b"# EOF\n"  # OpenMetrics ends once, after the last family
-        if live.endswith(eof) and cached[1].endswith(eof):
-            live = live[: -len(eof)]
-        return live + cached[1], content_type
+        with self._bulk_lock:  # one scraper builds, the others wait and reuse
+            if self._bulk is None or self._bulk.key != key:
+                self._bulk = None
+                self._bulk = _Bulk(key, list(_layer_families(st, snap, _Rank(st.rank))))
+            return self._bulk
 
-    def _families(self) -> Iterator[Metric]:
-        st = self._state_fn()
-        if getattr(_render, "apart", False):
-            _render.state = st  # exposition(): the layer families come from its cache
-        rank_names = ["rank"] if st.rank is not None else []
-        rank_values = [str(st.rank)] if st.rank is not None else []
-
-        def gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
-            if value is not None:
-                g = GaugeMetricFamily(name, doc, labels=rank_names)
-                g.add_metric(rank_values, value)
-                yield g
-
-        def counter(name: str, doc: str, value: float) -> Metric:
-            c = CounterMetricFamily(name, doc, labels=rank_names)
-            c.add_metric(rank_values, value)
-            return c
-
-        info = GaugeMetricFamily(
-            "gradmon_info",
-            "Identity of the monitored run (value 1).",
-            labels=["version", "run_id", *rank_names],
-        )
-        info.add_metric([st.version, st.run_id, *rank_values], 1.0)
-        yield info
-        yield counter(
-            "gradmon_steps", "Optimizer steps seen, skipped ones included.", st.steps_total
-        )
-        yield counter(
-            "gradmon_collections", "Steps whose statistics were computed.", st.collections_total
-        )
-        yield counter(
-            "gradmon_nonfinite_steps",
-            "Collected steps with any NaN/Inf gradient entry.",
-            st.nonfinite_steps_total,
-        )
-        yield counter(
-            "gradmon_skipped_steps",
-            "Optimizer steps skipped by the GradScaler for inf/NaN gradients.",
-            st.skipped_steps_total,
-        )
-        snap = st.snapshot
-        if snap is not None:
-            yield from gauge("gradmon_step", "Training step of the latest snapshot.", snap.step)
-            yield from gauge(
-                "gradmon_last_collection_timestamp_seconds",
-                "Wall time of the latest snapshot.",
-                snap.timestamp,
-            )
-            yield from gauge(
-                "gradmon_grad_global_norm",
-                "L2 norm over the finite entries of all monitored gradients.",
-                snap.global_norm,
-            )
-        yield from gauge("gradmon_loss_scale", "GradScaler loss scale.", st.loss_scale)
-        for name, doc, hist in (
-            (
-                "gradmon_grad_global_norm_per_step",
-                "Global gradient norm observed at every collected step.",
-                st.global_norm_hist,
-            ),
-            (
-                "gradmon_collect_duration_seconds",
-                "Host time the agent spent per collection.",
-                st.duration_hist,
-            ),
-        ):
-            if hist is not None:
-                h = HistogramMetricFamily(name, doc, labels=rank_names)
-                h.add_metric(rank_values, hist.buckets(), sum_value=hist.total)
-                yield h
-
-        anomalies = CounterMetricFamily(
-            "gradmon_anomalies",
-            "Health events by layer and kind (vanishing, exploding, nonfinite, dead, spike).",
-            labels=["layer", "kind", *rank_names],
-        )
-        for (layer, kind), n in sorted(st.anomalies_total.items()):
-            anomalies.add_metric([layer, kind, *rank_values], n)
-        yield anomalies
-
-        errors = CounterMetricFamily(
-            "gradmon_agent_errors",
-            "Failures inside the agent; training went on.",
-            labels=["stage", *rank_names],
-        )
-        for stage, n in sorted(st.errors_total.items()):
-            errors.add_metric([stage, *rank_values], n)
-        yield errors
-
-        scalars = GaugeMetricFamily(
-            "gradmon_scalar", "Values given to Monitor.log().", labels=["name", *rank_names]
-        )
-        for name, value in sorted(st.scalars.items()):
-            scalars.add_metric([name, *rank_values], value)
-        yield scalars
-
-        if st.per_layer and snap is not None and not getattr(_render, "apart", False):
-            yield from _layer_families(st, snap, rank_names, rank_values)
+    def _rendered(
+        self, bulk: _Bulk, encoder: Callable[[Collector], bytes], content_type: str
+    ) -> bytes:
+        with self._bulk_lock:
+            text = bulk.rendered.get(content_type)
+            if text is None:
+                text = bulk.rendered[content_type] = _strip_eof(encoder(_Families(bulk.families)))
+            return text
 
 
-# Per scrape thread: set while GradmonCollector.exposition() renders the live part.
-_render = threading.local()
+_EOF = b"# EOF\n"  # OpenMetrics ends once, after the last family
+
+
+def _strip_eof(text: bytes) -> bytes:
+    return text[: -len(_EOF)] if text.endswith(_EOF) else text
+
+
+def _eof(encoder: Callable[[Collector], bytes]) -> bytes:
+    """What the encoder puts after the last family (OpenMetrics: `# EOF`; text: nothing)."""
+    return encoder(_Families([]))
 
 
 class _Families:
@@ -271,111 +231,77 @@ class _Families:
         return self._families
 
 
-_LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("gradmon_grad_norm", "norm", "L2 norm of the layer's gradient (finite entries)."),
-    ("gradmon_grad_rms", "rms", "Gradient norm / sqrt(finite numel)."),
-    ("gradmon_grad_abs_max", "abs_max", "Largest absolute finite gradient entry."),
-    ("gradmon_grad_zero_ratio", "zero_ratio", "Fraction of exactly-zero gradient entries."),
-    (
-        "gradmon_grad_sum_squares",
-        "sum_squares",
-        "Sum of squares of the gradient: an additive partial for cross-rank sums.",
-    ),
-    ("gradmon_param_norm", "param_norm", "L2 norm of the parameter."),
-)
+def _live_families(st: ExportState) -> Iterator[Metric]:
+    """The run-level families: small, and built fresh at every scrape."""
+    r = _Rank(st.rank)
+    info = r.family(schema.INFO)
+    info.add_metric([st.version, st.run_id, *r.values], 1.0)  # type: ignore[attr-defined]
+    yield info
+    yield r.single(schema.STEPS, st.steps_total)
+    yield r.single(schema.COLLECTIONS, st.collections_total)
+    yield r.single(schema.NONFINITE_STEPS, st.nonfinite_steps_total)
+    yield r.single(schema.SKIPPED_STEPS, st.skipped_steps_total)
+    snap = st.snapshot
+    if snap is not None:
+        yield r.single(schema.STEP, snap.step)
+        yield r.single(schema.LAST_COLLECTION, snap.timestamp)
+        yield r.single(schema.GLOBAL_NORM, snap.global_norm)
+    if st.loss_scale is not None:
+        yield r.single(schema.LOSS_SCALE, st.loss_scale)
+    for f, hist in (
+        (schema.GLOBAL_NORM_PER_STEP, st.global_norm_hist),
+        (schema.COLLECT_DURATION, st.duration_hist),
+    ):
+        if hist is not None:
+            h = r.family(f)
+            h.add_metric(r.values, hist.buckets(), sum_value=hist.total)  # type: ignore[attr-defined]
+            yield h
+    yield _labelled(r, schema.ANOMALIES, sorted(st.anomalies_total.items()))
+    yield _labelled(r, schema.AGENT_ERRORS, sorted(((k,), n) for k, n in st.errors_total.items()))
+    yield _labelled(r, schema.SCALAR, sorted(((k,), v) for k, v in st.scalars.items()))
+
+
+def _labelled(r: _Rank, f: Family, items: Iterable[tuple[tuple[str, ...], float]]) -> Metric:
+    """A family with one sample per (label values, value)."""
+    m = r.family(f)
+    for values, value in items:
+        m.add_metric([*values, *r.values], value)  # type: ignore[attr-defined]
+    return m
 
 
 def _gauges(
-    items: Sequence[tuple[str, object]],
-    gauges: tuple[tuple[str, str, str], ...],
-    labels: list[str],
-    rank_values: list[str],
+    r: _Rank, families: Sequence[Family], items: Sequence[tuple[str, object]]
 ) -> Iterator[Metric]:
-    """One gauge family per (metric, attribute, help) over (name, statistics) items."""
-    for metric, attr, doc in gauges:
-        g = GaugeMetricFamily(metric, doc, labels=labels)
+    """One gauge family per schema family over (name, statistics) items: the value of
+    each is the statistics' attribute the family names."""
+    for f in families:
+        assert f.attr is not None, f.name
+        g = r.family(f)
         for name, stats in items:
-            g.add_metric([name, *rank_values], getattr(stats, attr))
+            g.add_metric([name, *r.values], getattr(stats, f.attr))  # type: ignore[attr-defined]
         yield g
 
 
-def _counter(
-    metric: str,
-    doc: str,
-    names: list[str],
-    counts: dict[str, int],
-    labels: list[str],
-    rank_values: list[str],
-) -> Metric:
-    c = CounterMetricFamily(metric, doc, labels=labels)
-    for name in names:
-        c.add_metric([name, *rank_values], counts.get(name, 0))
-    return c
+def _counts(r: _Rank, f: Family, names: list[str], counts: dict[str, int]) -> Metric:
+    return _labelled(r, f, (((name,), counts.get(name, 0)) for name in names))
 
 
-def _layer_families(
-    st: ExportState, snap: Snapshot, rank_names: list[str], rank_values: list[str]
-) -> Iterator[Metric]:
-    labels = ["layer", *rank_names]
+def _layer_families(st: ExportState, snap: Snapshot, r: _Rank) -> Iterator[Metric]:
+    """The per-layer (and per-module) families of one snapshot: the bulk of a scrape."""
     layers = [(n, snap.layers[n]) for n in st.layer_names if n in snap.layers]
-    yield from _gauges(layers, _LAYER_GAUGES, labels, rank_values)
+    yield from _gauges(r, schema.LAYER_GAUGES, layers)
     # Opt-in (collect.update_ratio_every): only layers measured so far have a value.
     ratios = [(n, s) for n, s in layers if s.update_ratio is not None]
     if ratios:
-        yield from _gauges(ratios, _UPDATE_RATIO, labels, rank_values)
-    yield _counter(
-        "gradmon_layer_nonfinite_steps",
-        "Collected steps where this layer's gradient had NaN/Inf entries.",
-        st.layer_names,
-        st.layer_nonfinite_total,
-        labels,
-        rank_values,
-    )
-    # Part of the per-snapshot bulk that GradmonCollector.exposition() caches.
+        yield from _gauges(r, (schema.UPDATE_RATIO,), ratios)
+    yield _counts(r, schema.LAYER_NONFINITE_STEPS, st.layer_names, st.layer_nonfinite_total)
+    # collect.activations: one series per exported module that ran before the snapshot.
     if st.activation_names:
-        yield from _activation_families(st, snap, rank_names, rank_values)
-
-
-_UPDATE_RATIO = (
-    (
-        "gradmon_update_ratio",
-        "update_ratio",
-        "||dw||/||w|| of the layer at the last sampled optimizer step that measured it.",
-    ),
-)
-
-
-_ACTIVATION_GAUGES: tuple[tuple[str, str, str], ...] = (
-    (
-        "gradmon_activation_rms",
-        "rms",
-        "RMS of the module's forward output (finite entries), over the forwards before the "
-        "latest collected step.",
-    ),
-    ("gradmon_activation_mean", "mean", "Mean of the module's forward output (finite entries)."),
-    (
-        "gradmon_activation_zero_ratio",
-        "zero_ratio",
-        "Fraction of exactly-zero entries of the module's forward output (dead ReLUs).",
-    ),
-)
-
-
-def _activation_families(
-    st: ExportState, snap: Snapshot, rank_names: list[str], rank_values: list[str]
-) -> Iterator[Metric]:
-    """collect.activations: one series per exported module that ran before the snapshot."""
-    labels = ["layer", *rank_names]
-    modules = [(n, snap.activations[n]) for n in st.activation_names if n in snap.activations]
-    yield from _gauges(modules, _ACTIVATION_GAUGES, labels, rank_values)
-    yield _counter(
-        "gradmon_activation_nonfinite",
-        "Collected steps where this module's forward output had NaN/Inf entries.",
-        st.activation_names,
-        st.activation_nonfinite_total,
-        labels,
-        rank_values,
-    )
+        modules = [(n, snap.activations[n]) for n in st.activation_names if n in snap.activations]
+        yield from _gauges(r, schema.ACTIVATION_GAUGES, modules)
+        yield _counts(
+            r, schema.ACTIVATION_NONFINITE, st.activation_names, st.activation_nonfinite_total
+        )
 
 
 class RankLabelled(Collector):
@@ -395,7 +321,7 @@ class RankLabelled(Collector):
             out = Metric(family.name, family.documentation, family.type, family.unit)
             for s in family.samples:
                 out.add_sample(
-                    s.name, {**s.labels, "rank": str(rank)}, s.value, s.timestamp, s.exemplar
+                    s.name, {**s.labels, schema.RANK: str(rank)}, s.value, s.timestamp, s.exemplar
                 )
             yield out
 
