@@ -92,7 +92,7 @@ class ExportState:
     activation_nonfinite_total: dict[str, int] = field(default_factory=dict)
 
 
-_FAMILY_TYPES: dict[str, type[Metric]] = {
+_FAMILY_TYPES: dict[str, Callable[..., Metric]] = {
     "gauge": GaugeMetricFamily,
     "counter": CounterMetricFamily,
     "histogram": HistogramMetricFamily,
