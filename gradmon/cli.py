@@ -38,7 +38,7 @@ def _rules(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gradmon.config import load_config
-    from gradmon.rules import render
+    from gradmon.ops.rules import render
 
     text = render(load_config(args.config), args.format)
     if args.output is None:
@@ -65,7 +65,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _dashboards_generate(args: argparse.Namespace) -> int:
-    from gradmon.dashboards import write
+    from gradmon.ops.dashboards import write
 
     for path in write(args.output_dir):
         print(f"wrote {path}")
@@ -75,11 +75,11 @@ def _dashboards_generate(args: argparse.Namespace) -> int:
 def _dashboards_push(args: argparse.Namespace) -> int:
     import json
 
-    from gradmon.grafana_push import push_dashboards, resolve_auth
+    from gradmon.ops.grafana_push import push_dashboards, resolve_auth
 
     # Credentials and URL first: a bad flag fails before the dashboards are built.
     auth = resolve_auth(args.url, token=args.token, basic_auth=args.basic_auth)
-    from gradmon.dashboards import build, render
+    from gradmon.ops.dashboards import build, render
 
     dashboards = {uid: json.loads(render(d)) for uid, d in build().items()}
     for result in push_dashboards(args.url, auth=auth, dashboards=dashboards, folder=args.folder):
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", help="a gradmon YAML config file")
     check.set_defaults(func=_config_check)
 
-    from gradmon.rules import FORMATS
+    from gradmon.ops.rules import FORMATS
 
     rules = sub.add_parser("rules", help="Prometheus alert rules rendered from a config")
     rules.add_argument("--config", default=None, help="a gradmon YAML config file")

@@ -538,7 +538,7 @@ def _rules_file(health: HealthConfig, resources: contextlib.ExitStack) -> Path:
     thresholds; otherwise rules rendered from the run's health config."""
     if SHIPPED_RULES.is_file() and health == Config().health:
         return SHIPPED_RULES
-    from gradmon.rules import render
+    from gradmon.ops.rules import render
 
     workdir = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="gradmon-rules-")))
     path = workdir / "gradmon.rules.yml"

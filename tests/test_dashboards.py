@@ -31,8 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gradmon
 from gradmon.cli import main as cli_main
-from gradmon.dashboards import DASHBOARD_FILES, build, render
-from gradmon.rules import recording_rules
+from gradmon.ops.dashboards import DASHBOARD_FILES, build, render
+from gradmon.ops.rules import recording_rules
 
 from .conftest import SmallNet, train_step
 

@@ -43,7 +43,7 @@ from gradmon.localstack import (
     find_binary,
     http_json,
 )
-from gradmon.rules import RuleOptions, render
+from gradmon.ops.rules import RuleOptions, render
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "dashboards"

@@ -17,8 +17,8 @@ import pytest
 
 from gradmon import GradmonError
 from gradmon.cli import main as cli_main
-from gradmon.dashboards import DASHBOARD_FILES
-from gradmon.grafana_push import push_dashboards, resolve_auth
+from gradmon.ops.dashboards import DASHBOARD_FILES
+from gradmon.ops.grafana_push import push_dashboards, resolve_auth
 
 TOKEN = "glsa_secret-token-value"
 PASSWORD = "pa55-word-secret"

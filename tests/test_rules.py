@@ -15,7 +15,7 @@ import yaml
 from gradmon import Config, GradmonError
 from gradmon.cli import main as cli_main
 from gradmon.config import ExporterConfig
-from gradmon.rules import ALERT_NAMES, RUNBOOK_URL, RuleOptions, render
+from gradmon.ops.rules import ALERT_NAMES, RUNBOOK_URL, RuleOptions, render
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"
