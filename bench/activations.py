@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import gradmon
-from gradmon.bench import ReferenceModel, _interleaved, _median_ms
+from gradmon.tools.bench import ReferenceModel, _interleaved, _median_ms
 
 
 def run(steps: int, warmup: int = 3, seed: int = 0) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from gradmon.bench import main
+from gradmon.tools.bench import main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

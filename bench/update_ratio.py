@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import gradmon
-from gradmon.bench import ReferenceModel, _interleaved
+from gradmon.tools.bench import ReferenceModel, _interleaved
 from gradmon.update_ratio import UpdateRatio
 
 VARIANTS: dict[str, int | None] = {"no agent": None, "off": 0, "every 10": 10, "every 1": 1}

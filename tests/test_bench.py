@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradmon.bench import format_result, run_bench
-from gradmon.bench_peers import format_peers, run_peers
+from gradmon.tools.bench import format_result, run_bench
+from gradmon.tools.bench_peers import format_peers, run_peers
 
 
 def test_bench_reports_ratios() -> None:

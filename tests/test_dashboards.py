@@ -30,9 +30,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gradmon
-from gradmon.cli import main as cli_main
 from gradmon.ops.dashboards import DASHBOARD_FILES, build, render
 from gradmon.ops.rules import recording_rules
+from gradmon.tools.cli import main as cli_main
 
 from .conftest import SmallNet, train_step
 

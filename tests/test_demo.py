@@ -18,9 +18,9 @@ import torch
 from rich.console import Console
 
 import gradmon
-from gradmon import demo
-from gradmon.demo import DEFAULT_STEPS, SCENARIOS, DemoResult, _Progress, run_demo, summary
 from gradmon.errors import GradmonError
+from gradmon.tools import demo
+from gradmon.tools.demo import DEFAULT_STEPS, SCENARIOS, DemoResult, _Progress, run_demo, summary
 
 SHORT = 40  # steps for the faulty scenarios in the fast tests
 

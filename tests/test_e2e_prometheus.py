@@ -32,9 +32,10 @@ import pytest
 import yaml
 
 from gradmon import Config, GradmonError
-from gradmon.cli import main as cli_main
-from gradmon.demo import DemoResult, run_demo
-from gradmon.localstack import (
+from gradmon.ops.rules import RuleOptions, render
+from gradmon.tools.cli import main as cli_main
+from gradmon.tools.demo import DemoResult, run_demo
+from gradmon.tools.localstack import (
     LocalStack,
     LocalStackError,
     MissingBinaryError,
@@ -43,7 +44,6 @@ from gradmon.localstack import (
     find_binary,
     http_json,
 )
-from gradmon.ops.rules import RuleOptions, render
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "dashboards"

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from gradmon import Config, GradmonError
-from gradmon.cli import main as cli_main
 from gradmon.config import ExporterConfig
 from gradmon.ops.rules import ALERT_NAMES, RUNBOOK_URL, RuleOptions, render
+from gradmon.tools.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"

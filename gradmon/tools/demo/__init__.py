@@ -56,8 +56,8 @@ from torch import Tensor, nn
 import gradmon
 from gradmon.config import Config, HealthConfig, merge_dicts, read_yaml
 from gradmon.errors import GradmonError
-from gradmon.localstack import LOOPBACK, LocalStack, Target, WebhookReceiver
 from gradmon.snapshot import ANOMALY_KINDS, Snapshot
+from gradmon.tools.localstack import LOOPBACK, LocalStack, Target, WebhookReceiver
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -78,7 +78,7 @@ PRINT_LINES = 10  # without a terminal: about this many progress lines per run
 PACED_SECONDS = 120.0
 SCRAPE_WAIT_SECONDS = 30.0  # with_prometheus: the first scrape must come within this
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SHIPPED_RULES = REPO / "deploy" / "prometheus" / "rules" / "gradmon.rules.yml"
 SHIPPED_ALERTMANAGER = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
 

@@ -10,7 +10,7 @@ from gradmon.errors import GradmonError
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from gradmon import demo
+    from gradmon.tools import demo
 
     result = demo.run_demo(  # prints its own summary at the end
         scenario=args.scenario,
@@ -53,10 +53,10 @@ def _rules(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from gradmon import bench
+    from gradmon.tools import bench
 
     if args.peers:
-        from gradmon import bench_peers
+        from gradmon.tools import bench_peers
 
         print(bench_peers.format_peers(bench_peers.run_peers(steps=args.steps)))
         return 0
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gradmon {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from gradmon.demo import SCENARIOS
+    from gradmon.tools.demo import SCENARIOS
 
     demo = sub.add_parser("demo", help="a real training run with the agent attached")
     demo.add_argument("--scenario", choices=SCENARIOS, default="healthy")
