@@ -18,7 +18,7 @@ from torch import nn
 import gradmon
 
 from .conftest import SmallNet
-from .test_exporter import samples, scrape
+from .export.test_collector import samples, scrape
 
 NO_SERVER = {"exporter": {"enabled": False}}
 Weights = dict[str, torch.Tensor]

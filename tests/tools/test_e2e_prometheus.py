@@ -45,7 +45,7 @@ from gradmon.tools.localstack import (
     http_json,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO / "dashboards"
 ALERTMANAGER_CONFIG = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
 IN_CI = bool(os.environ.get("CI"))

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import gradmon
 from gradmon import GradmonError
 
-from .conftest import SmallNet, train_step
+from ..conftest import SmallNet, train_step
 
 PORT0 = {"exporter": {"port": 0}}
 

@@ -34,9 +34,9 @@ from gradmon.ops.dashboards import DASHBOARD_FILES, build, render
 from gradmon.ops.rules import recording_rules
 from gradmon.tools.cli import main as cli_main
 
-from .conftest import SmallNet, train_step
+from ..conftest import SmallNet, train_step
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO / "dashboards"
 DEPLOY = REPO / "deploy"
 REGENERATE = "gradmon dashboards generate"
@@ -85,7 +85,7 @@ def test_committed_json_is_what_the_generator_writes(uid: str) -> None:
     path = DASHBOARDS / DASHBOARD_FILES[uid]
     assert path.is_file(), f"{path} is missing: run `{REGENERATE}`"
     assert path.read_text(encoding="utf-8") == render(build()[uid]), (
-        f"{path.relative_to(REPO)} differs from gradmon/dashboards.py: run `{REGENERATE}` "
+        f"{path.relative_to(REPO)} differs from gradmon/ops/dashboards/: run `{REGENERATE}` "
         "and commit the result"
     )
 
