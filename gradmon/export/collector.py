@@ -202,10 +202,19 @@ class GradmonCollector(Collector):
     def _rendered(
         self, bulk: _Bulk, encoder: Callable[[Collector], bytes], content_type: str
     ) -> bytes:
+        """The bulk's bytes in this format, encoded on first use. A family that cannot
+        be encoded (a value that is no number) is reported to `on_error` and left out."""
         with self._bulk_lock:
             text = bulk.rendered.get(content_type)
             if text is None:
-                text = bulk.rendered[content_type] = _strip_eof(encoder(_Families(bulk.families)))
+                try:
+                    text = _strip_eof(encoder(_Families(bulk.families)))
+                except Exception as exc:
+                    if self._on_error is None:
+                        raise
+                    self._on_error(exc)
+                    return b""
+                bulk.rendered[content_type] = text
             return text
 
 
