@@ -1,6 +1,6 @@
 """Agent overhead on the reference model: `python bench/overhead.py [--steps N] [--json]`.
 
-The same as `gradmon bench`; see gradmon/bench.py for what is measured and how.
+The same as `gradmon bench`; see gradmon/tools/bench.py for what is measured and how.
 """
 
 from __future__ import annotations

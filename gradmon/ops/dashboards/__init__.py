@@ -1,7 +1,7 @@
 """Grafana dashboards as code, built with Grafana's typed SDK (grafana-foundation-sdk).
 
 Two dashboards, written to `dashboards/` by `gradmon dashboards generate` and kept in sync
-with this module by tests/test_dashboards.py:
+with this package by tests/ops/test_dashboards.py:
 
 - `gradmon-overview`: global gradient norm (gauge and per-step histogram), NaN/Inf and
   skipped steps, loss scale, anomalies by kind and layer, logged scalars, agent health;
