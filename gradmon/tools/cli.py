@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from gradmon.errors import GradmonError
+
+if TYPE_CHECKING:
+    # What add_subparsers() returns: where each command adds its parser.
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -170,7 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gradmon {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_config(sub)
+    _add_rules(sub)
+    _add_bench(sub)
+    _add_dashboards(sub)
+    _add_plot(sub)
+    _add_viz(sub)
+    return parser
 
+
+def _add_demo(sub: Subparsers) -> None:
     from gradmon.tools.demo import SCENARIOS
 
     demo = sub.add_parser("demo", help="a real training run with the agent attached")
@@ -202,12 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
 
+
+def _add_config(sub: Subparsers) -> None:
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = config_sub.add_parser("check", help="print the effective config or the errors")
     check.add_argument("file", help="a gradmon YAML config file")
     check.set_defaults(func=_config_check)
 
+
+def _add_rules(sub: Subparsers) -> None:
     from gradmon.ops.rules import FORMATS
 
     rules = sub.add_parser("rules", help="Prometheus alert rules rendered from a config")
@@ -221,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--output", default=None, help="write here (default: stdout)")
     rules.set_defaults(func=_rules)
 
+
+def _add_bench(sub: Subparsers) -> None:
     bench = sub.add_parser("bench", help="agent overhead on the reference model (CPU)")
     bench.add_argument("--steps", type=int, default=30, help="interleaved steps per variant")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -231,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=_bench)
 
+
+def _add_dashboards(sub: Subparsers) -> None:
     dashboards = sub.add_parser("dashboards", help="Grafana dashboards: generate the JSON, push")
     dash_sub = dashboards.add_subparsers(dest="dashboards_command", required=True, metavar="ACTION")
     generate = dash_sub.add_parser("generate", help="write the dashboard JSON files")
@@ -252,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.set_defaults(func=_dashboards_push)
 
+
+def _add_plot(sub: Subparsers) -> None:
     plot = sub.add_parser(
         "plot", help="a PNG report of a record file (record.path): norms, layer heatmap, anomalies"
     )
@@ -261,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.set_defaults(func=_plot)
 
+
+def _add_viz(sub: Subparsers) -> None:
     viz = sub.add_parser("viz", help="visual tools for a model (needs gradmon[viz])")
     viz_sub = viz.add_subparsers(dest="viz_command", required=True, metavar="ACTION")
     maximize = viz_sub.add_parser(
@@ -290,7 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     maximize.add_argument("--jitter", type=int, default=2, help="random shift, pixels")
     maximize.add_argument("--seed", type=int, default=0)
     maximize.set_defaults(func=_viz_maximize)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
