@@ -10,45 +10,21 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gradmon
 from gradmon.export import schema
 from gradmon.ops.rules import groups
 
-from ..conftest import SmallNet, train_step
+from ..exposition import full_exposition
 
 RECORDED = r"gradmon:[a-z_:0-9]+"
 
 
 @pytest.fixture(scope="module")
 def served() -> dict[str, object]:
-    """The agent's families after a few steps, with a scaler, a scalar, anomalies, the
-    update ratio and activation statistics: every family the schema lists."""
-    torch.manual_seed(0)
-    net = SmallNet()
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    registry = CollectorRegistry()
-    config = {
-        "exporter": {"enabled": False},
-        "health": {"exploding_norm": 1e-9},
-        "collect": {"update_ratio_every": 1, "activations": True},
-    }
-    with gradmon.attach(net, opt, scaler=scaler, config=config, registry=registry) as mon:
-        for _ in range(2):
-            opt.zero_grad(set_to_none=True)
-            loss = net(torch.randn(4, 8)).pow(2).mean()
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            mon.log(loss=loss.detach())
-        train_step(net, opt)
-        mon.snapshot(wait=True)
-        text = generate_latest(registry).decode()
-    return {f.name: f for f in text_string_to_metric_families(text)}
+    """The agent's families with every family the schema lists present."""
+    return {f.name: f for f in text_string_to_metric_families(full_exposition())}
 
 
 @pytest.mark.parametrize("family", schema.FAMILIES, ids=lambda f: f.name)

@@ -1,0 +1,37 @@
+"""/metrics of a real agent with every family present: shared by the tests that hold the
+schema, the rules and the dashboards to what the agent really serves."""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+
+import gradmon
+
+from .conftest import SmallNet, train_step
+
+
+def full_exposition() -> str:
+    """The text exposition of a fresh registry after a few steps: a GradScaler, a logged
+    scalar, anomalies, and the opt-in update ratio and activation statistics."""
+    torch.manual_seed(0)
+    net = SmallNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    registry = CollectorRegistry()
+    config = {
+        "exporter": {"enabled": False},
+        "health": {"exploding_norm": 1e-9},
+        "collect": {"update_ratio_every": 1, "activations": True},
+    }
+    with gradmon.attach(net, opt, scaler=scaler, config=config, registry=registry) as mon:
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss = net(torch.randn(4, 8)).pow(2).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            mon.log(loss=loss.detach())
+        train_step(net, opt)
+        mon.snapshot(wait=True)
+        return generate_latest(registry).decode()
