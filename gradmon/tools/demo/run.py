@@ -14,9 +14,8 @@ import torch
 import gradmon
 from gradmon.config import merge_dicts, read_yaml
 from gradmon.errors import GradmonError
-from gradmon.tools.demo import scenarios
 from gradmon.tools.demo.loop import DemoResult, Progress, train
-from gradmon.tools.demo.scenarios import DEFAULT_STEPS, SCENARIOS
+from gradmon.tools.demo.scenarios import DEFAULT_STEPS, SCENARIOS, build
 from gradmon.tools.demo.stack import beside_prometheus
 from gradmon.tools.demo.view import shown, summary
 from gradmon.tools.localstack import LocalStack
@@ -62,7 +61,7 @@ def run_demo(
     # fork_rng: seed for a reproducible run without touching the caller's RNG state.
     with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as resources:
         torch.manual_seed(seed)
-        setup = scenarios.build(scenario, torch.Generator().manual_seed(seed), n_steps)
+        setup = build(scenario, torch.Generator().manual_seed(seed), n_steps)
         mon = gradmon.attach(setup.model, setup.optimizer, config=merged)
         resources.callback(mon.close)  # the last thing to go: after the local stack
         served = mon.port
