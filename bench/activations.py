@@ -2,7 +2,7 @@
 
 `python bench/activations.py [--steps N] [--json]`
 
-Four identical copies of gradmon.bench.ReferenceModel train side by side, their steps
+Four identical copies of gradmon.tools.bench.ReferenceModel train side by side, their steps
 interleaved so machine noise hits all alike: no agent; the agent with activations off;
 on, collecting every step; on, with every_n_steps=10 (9 of 10 forwards unarmed). Medians
 of the step times are reported, and the ratios of activations on to off.
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import gradmon
-from gradmon.bench import ReferenceModel, _interleaved, _median_ms
+from gradmon.tools.bench import ReferenceModel, _interleaved, _median_ms
 
 
 def run(steps: int, warmup: int = 3, seed: int = 0) -> dict[str, Any]:

@@ -1,13 +1,13 @@
 """Agent overhead on the reference model: `python bench/overhead.py [--steps N] [--json]`.
 
-The same as `gradmon bench`; see gradmon/bench.py for what is measured and how.
+The same as `gradmon bench`; see gradmon/tools/bench.py for what is measured and how.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from gradmon.bench import main
+from gradmon.tools.bench import main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

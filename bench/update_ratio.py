@@ -1,7 +1,7 @@
 """Step-time cost of collect.update_ratio_every on the reference model of `gradmon bench`.
 
 `python bench/update_ratio.py [--steps N] [--json]`. Four identical copies of the
-reference model (gradmon/bench.py) train side by side: no agent, the agent with the update
+reference model (gradmon/tools/bench.py) train side by side: no agent, the agent with the update
 ratio off, every 10th collection, every collection. Their steps are interleaved so machine
 noise hits all alike; medians are reported, as ratios against the plain step and against
 the agent with the update ratio off. On a shared machine the step medians are noisy at
@@ -25,7 +25,7 @@ from torch import nn
 
 import gradmon
 from gradmon.agent.features.update_ratio import UpdateRatio
-from gradmon.bench import ReferenceModel, _interleaved
+from gradmon.tools.bench import ReferenceModel, _interleaved
 
 VARIANTS: dict[str, int | None] = {"no agent": None, "off": 0, "every 10": 10, "every 1": 1}
 

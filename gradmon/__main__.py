@@ -1,5 +1,5 @@
 import sys
 
-from gradmon.cli import main
+from gradmon.tools.cli import main
 
 sys.exit(main())

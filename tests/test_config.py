@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from gradmon import Config, GradmonError
-from gradmon.cli import main as cli_main
 from gradmon.config import load_config
+from gradmon.tools.cli import main as cli_main
 
 
 def test_defaults_match_design() -> None:

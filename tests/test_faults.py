@@ -23,9 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import gradmon
-from gradmon import exporter
 from gradmon.agent import exposure, gather, publish, steps
-from gradmon.exporter import AGENT_STAGES
+from gradmon.export import collector as exporter
+from gradmon.export.schema import AGENT_STAGES
 from gradmon.health import HealthRules
 from gradmon.sinks.record import RecordSink
 from gradmon.stats import Col, cpu, reference

@@ -37,7 +37,7 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter
 
 from gradmon.config import ExporterConfig, load_config
-from gradmon.server import MetricsServer
+from gradmon.export.server import MetricsServer
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"

@@ -19,7 +19,7 @@ import gradmon
 
 from . import readings
 from .conftest import SmallNet
-from .test_exporter import samples, scrape
+from .export.test_collector import samples, scrape
 
 NO_SERVER = {"exporter": {"enabled": False}}
 Weights = dict[str, torch.Tensor]

@@ -18,7 +18,7 @@ from torch import nn
 
 import gradmon
 from gradmon import viz
-from gradmon.cli import main
+from gradmon.tools.cli import main
 from tests.conftest import SmallNet
 
 pytest.importorskip("matplotlib")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gradmon.errors import GradmonError
-from gradmon.exporter import (
+from gradmon.export.collector import (
     AGENT_STAGES,
     DURATION_BUCKETS,
     GLOBAL_NORM_BUCKETS,

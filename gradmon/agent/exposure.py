@@ -21,8 +21,8 @@ from gradmon.agent.features import Feature
 from gradmon.agent.layers import LayerIndex
 from gradmon.agent.steps import Steps
 from gradmon.config import Config
-from gradmon.exporter import ExportState, GradmonCollector, RankLabelled, scalar_value
-from gradmon.server import MetricsServer
+from gradmon.export.collector import ExportState, GradmonCollector, RankLabelled, scalar_value
+from gradmon.export.server import MetricsServer
 from gradmon.version import __version__
 
 __all__ = ["Exposure", "Sources"]

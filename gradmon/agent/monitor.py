@@ -2,7 +2,7 @@
 
 At attach: layers (which parameters, their layer names), the parts of the pipeline
 (pipeline.py: steps -> gather -> collect -> inflight -> publish -> counters), the hooks
-that drive it (hooks.py), and the exporter (gradmon/exporter.py, gradmon/server.py).
+that drive it (hooks.py), and the exporter (gradmon/export/).
 
 Training regimes: GradScaler and fused optimizers (steps.py), DDP/FSDP2 (distributed.py),
 torch.compile (hooks.py).

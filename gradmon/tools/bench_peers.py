@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import gradmon
-from gradmon.bench import ReferenceModel
+from gradmon.tools.bench import ReferenceModel
 
 AfterBackward = Callable[[nn.Module], None]
 

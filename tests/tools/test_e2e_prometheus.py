@@ -32,9 +32,10 @@ import pytest
 import yaml
 
 from gradmon import Config, GradmonError
-from gradmon.cli import main as cli_main
-from gradmon.demo import DemoResult, run_demo
-from gradmon.localstack import (
+from gradmon.ops.rules import RuleOptions, render
+from gradmon.tools.cli import main as cli_main
+from gradmon.tools.demo import DemoResult, run_demo
+from gradmon.tools.localstack import (
     LocalStack,
     LocalStackError,
     MissingBinaryError,
@@ -43,9 +44,8 @@ from gradmon.localstack import (
     find_binary,
     http_json,
 )
-from gradmon.rules import RuleOptions, render
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO / "dashboards"
 ALERTMANAGER_CONFIG = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
 IN_CI = bool(os.environ.get("CI"))

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gradmon import GradmonError
 from gradmon.config import ExporterConfig
-from gradmon.server import ConnectionErrors, MetricsServer
+from gradmon.export.server import ConnectionErrors, MetricsServer
 
 SECRET = "s3cret-Passw0rd"
 
@@ -303,9 +303,9 @@ def test_a_silent_client_is_counted_as_a_timeout(
 ) -> None:
     import socket
 
-    import gradmon.server
+    import gradmon.export.server
 
-    monkeypatch.setattr(gradmon.server._QuietHandler, "timeout", 0.3)  # 30 s in production
+    monkeypatch.setattr(gradmon.export.server._QuietHandler, "timeout", 0.3)  # 30 s in production
     server = MetricsServer(ExporterConfig(port=0), 0, registry)
     try:
         with socket.create_connection(("127.0.0.1", server.port)):  # says nothing

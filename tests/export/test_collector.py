@@ -8,15 +8,18 @@ import urllib.request
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gradmon
 from gradmon import GradmonError
+from gradmon.export.collector import ExportState, GradmonCollector, Histogram
+from gradmon.export.schema import GLOBAL_NORM_BUCKETS
+from gradmon.snapshot import ActivationStats, LayerStats, Snapshot
 
-from . import readings
-from .conftest import SmallNet, train_step
+from .. import readings
+from ..conftest import SmallNet, train_step
 
 PORT0 = {"exporter": {"port": 0}}
 
@@ -233,3 +236,88 @@ def test_cached_exposition_matches_the_registry(net: SmallNet, accept: str) -> N
             assert got == want
             assert ("gradmon_grad_norm", (("layer", "fc1.weight"),)) in got
             assert got[("gradmon_step", ())] == readings.steps(mon) - 1
+
+
+# ----------------------------------------------------------- the collector on its own
+def _state(step: int = 7, rank: int | None = None, norm: object = 1.5) -> ExportState:
+    """An ExportState as the agent hands it over: a snapshot of two layers, one module."""
+    layer = LayerStats(
+        numel=10, norm=norm, rms=0.5, abs_max=2.0, mean=0.0, min=-1.0, max=1.0,
+        zero_ratio=0.25, nan_count=0, inf_count=0, param_norm=3.0, sum_squares=2.25,
+    )  # fmt: skip
+    snap = Snapshot(
+        step=step,
+        global_norm=4.5,
+        nonfinite=False,
+        layers={"a.weight": layer, "b.weight": layer},
+        timestamp=1.7e9,
+        activations={"a": ActivationStats(5, 0.5, 0.1, 0.2, 0, 0)},
+    )
+    hist = Histogram(GLOBAL_NORM_BUCKETS)
+    hist.observe(4.5)
+    return ExportState(
+        version="0.1.0",
+        run_id="r",
+        rank=rank,
+        steps_total=step + 1,
+        collections_total=step + 1,
+        snapshot=snap,
+        layer_names=["a.weight", "b.weight"],
+        anomalies_total={("a.weight", "spike"): 2},
+        errors_total={"hook": 0, "export": 1},
+        scalars={"loss": 0.5},
+        loss_scale=256.0,
+        global_norm_hist=hist,
+        activation_names=["a"],
+        activation_nonfinite_total={"a": 1},
+    )
+
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_exposition_is_the_registrys_own_rendering(rank: int | None) -> None:
+    """exposition() reuses the per-snapshot families' bytes between scrapes; what it
+    returns is byte for byte what prometheus_client renders from the same registry, in
+    both formats, other collectors before and after it included, and follows a new state."""
+    states = [_state(7, rank)]
+    registry = CollectorRegistry()
+    Counter("before", "A collector registered first.", registry=registry).inc()
+    collector = GradmonCollector(lambda: states[-1])
+    registry.register(collector)
+    Counter("after", "A collector registered last.", registry=registry).inc(2)
+    for step in (7, 7, 8):
+        states.append(_state(step, rank))
+        for accept, encode in (("", generate_latest), (OPENMETRICS, openmetrics_latest)):
+            assert collector.exposition(registry, accept)[0] == encode(registry)
+    assert registry.get_sample_value("gradmon_step", {"rank": "3"} if rank else {}) == 8
+    labels = {"layer": "a.weight", **({"rank": "3"} if rank else {})}
+    assert registry.get_sample_value("gradmon_grad_norm", labels) == 1.5
+
+
+def test_a_failing_family_is_reported_and_the_rest_served() -> None:
+    """A per-layer value that cannot be encoded: on_error hears of it at every scrape,
+    the run-level families and the other collectors are still served."""
+    errors: list[BaseException] = []
+    registry = CollectorRegistry()
+    collector = GradmonCollector(lambda: _state(norm="not a number"), errors.append)
+    registry.register(collector)
+    Counter("app_events", "The user's own metric.", registry=registry).inc()
+    body, _ = collector.exposition(registry, "")
+    fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert "gradmon_steps" in fams and "app_events" in fams
+    assert "gradmon_grad_norm" not in fams
+    assert len(errors) == 1 and isinstance(errors[0], ValueError)
+    assert collector.exposition(registry, "")[0] == body  # tried again, not cached
+    assert len(errors) == 2
+
+
+def test_without_on_error_a_failure_propagates() -> None:
+    def broken() -> ExportState:
+        raise RuntimeError("state unavailable")
+
+    registry = CollectorRegistry()
+    registry.register(GradmonCollector(broken))
+    with pytest.raises(RuntimeError, match="state unavailable"):
+        generate_latest(registry)

@@ -21,22 +21,19 @@ from typing import Any
 
 import jsonschema
 import pytest
-import torch
 import yaml
 from grafana_foundation_sdk.cog import plugins
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dash_m
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-import gradmon
-from gradmon.cli import main as cli_main
-from gradmon.dashboards import DASHBOARD_FILES, build, render
-from gradmon.rules import recording_rules
+from gradmon.ops.dashboards import DASHBOARD_FILES, build, render
+from gradmon.ops.rules import recording_rules
+from gradmon.tools.cli import main as cli_main
 
-from .conftest import SmallNet, train_step
+from ..exposition import full_exposition
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO / "dashboards"
 DEPLOY = REPO / "deploy"
 REGENERATE = "gradmon dashboards generate"
@@ -85,7 +82,7 @@ def test_committed_json_is_what_the_generator_writes(uid: str) -> None:
     path = DASHBOARDS / DASHBOARD_FILES[uid]
     assert path.is_file(), f"{path} is missing: run `{REGENERATE}`"
     assert path.read_text(encoding="utf-8") == render(build()[uid]), (
-        f"{path.relative_to(REPO)} differs from gradmon/dashboards.py: run `{REGENERATE}` "
+        f"{path.relative_to(REPO)} differs from gradmon/ops/dashboards/: run `{REGENERATE}` "
         "and commit the result"
     )
 
@@ -472,29 +469,8 @@ def test_metric_name_parser() -> None:
 
 @pytest.fixture(scope="module")
 def exposition() -> str:
-    """/metrics of a real agent after a few steps: scaler, scalar, anomalies, and the
-    opt-in update ratio and activation statistics included."""
-    torch.manual_seed(0)
-    net = SmallNet()
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    registry = CollectorRegistry()
-    config = {
-        "exporter": {"enabled": False},
-        "health": {"exploding_norm": 1e-9},
-        "collect": {"update_ratio_every": 1, "activations": True},
-    }
-    with gradmon.attach(net, opt, scaler=scaler, config=config, registry=registry) as mon:
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            loss = net(torch.randn(4, 8)).pow(2).mean()
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            mon.log(loss=loss.detach())
-        train_step(net, opt)
-        mon.snapshot(wait=True)
-        return generate_latest(registry).decode()
+    """/metrics of a real agent with every family present."""
+    return full_exposition()
 
 
 def exported_names(text: str) -> set[str]:

@@ -27,7 +27,8 @@ import yaml
 
 from gradmon.config import Config
 from gradmon.errors import GradmonError
-from gradmon.exporter import GLOBAL_NORM_BUCKETS
+from gradmon.export import schema
+from gradmon.export.schema import GLOBAL_NORM_BUCKETS
 
 __all__ = [
     "ALERT_NAMES",
@@ -175,39 +176,39 @@ def recording_rules(options: RuleOptions | None = None) -> list[dict[str, Any]]:
             # Exact for sharded ranks (FSDP: each rank holds a disjoint shard).
             # Replicated ranks (DDP) hold the same gradient: use :max there.
             "record": "gradmon:layer_grad_norm:combined",
-            "expr": f"sqrt(sum by ({run}, layer) (gradmon_grad_sum_squares))",
+            "expr": f"sqrt(sum by ({run}, layer) ({schema.GRAD_SUM_SQUARES.series}))",
         },
         {
             "record": "gradmon:layer_grad_norm:max",
-            "expr": f"max by ({run}, layer) (gradmon_grad_norm)",
+            "expr": f"max by ({run}, layer) ({schema.GRAD_NORM.series})",
         },
         {
             # From the global gauge, so layers past exporter.max_layers count too.
             "record": "gradmon:grad_global_norm:combined",
-            "expr": f"sqrt(sum by ({run}) (gradmon_grad_global_norm ^ 2))",
+            "expr": f"sqrt(sum by ({run}) ({schema.GLOBAL_NORM.series} ^ 2))",
         },
         {
             # Ranks step together: max, not sum.
             "record": "gradmon:steps:rate5m",
-            "expr": f"max by ({run}) (rate(gradmon_steps_total[5m]))",
+            "expr": f"max by ({run}) (rate({schema.STEPS.series}[5m]))",
         },
         {
             "record": "gradmon:skipped_steps:ratio_rate5m",
             "expr": (
-                f"max by ({run}) (rate(gradmon_skipped_steps_total[5m]))\n"
+                f"max by ({run}) (rate({schema.SKIPPED_STEPS.series}[5m]))\n"
                 f"/\n"
-                f"(max by ({run}) (rate(gradmon_steps_total[5m])) > 0)"
+                f"(max by ({run}) (rate({schema.STEPS.series}[5m])) > 0)"
             ),
         },
         {
             "record": "gradmon:anomalies:rate5m",
-            "expr": f"sum by ({run}, kind) (rate(gradmon_anomalies_total[5m]))",
+            "expr": f"sum by ({run}, kind) (rate({schema.ANOMALIES.series}[5m]))",
         },
         {
             # Only layers that had NaN/Inf: which layer went first.
             "record": "gradmon:layer_nonfinite_steps:increase5m",
             "expr": (
-                f"sum by ({run}, layer) (increase(gradmon_layer_nonfinite_steps_total[5m])) > 0"
+                f"sum by ({run}, layer) (increase({schema.LAYER_NONFINITE_STEPS.series}[5m])) > 0"
             ),
         },
     ]
@@ -227,7 +228,14 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
     drop = _num(2.0**o.loss_scale_max_halvings, "RuleOptions.loss_scale_max_halvings")
     width = _num(NORM_BUCKET_RATIO, "NORM_BUCKET_RATIO")
     nf = o.nonfinite_window
-    g = "gradmon_grad_global_norm"
+    # The series the alerts select (export/schema.py names them).
+    g, per_step = schema.GLOBAL_NORM.series, schema.GLOBAL_NORM_PER_STEP.bucket
+    steps, scale = schema.STEPS.series, schema.LOSS_SCALE.series
+    norm, rms, zeros = (
+        schema.GRAD_NORM.series,
+        schema.GRAD_RMS.series,
+        schema.GRAD_ZERO_RATIO.series,
+    )
     # The median of the global norm over a window that ended spike_baseline_offset ago,
     # used only once that whole window lies inside the run (the series existed in the
     # first spike_baseline_offset of it): early in a run the norm can grow many-fold from
@@ -276,14 +284,14 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         ),
         alert(
             "GradmonTrainingStalled",
-            f"max by ({run}) (increase(gradmon_steps_total[{o.stalled_window}])) == 0\n"
+            f"max by ({run}) (increase({steps}[{o.stalled_window}])) == 0\n"
             f"and on ({run})\n"
             f"max by ({run}) ({up}) == 1",
             o.stalled_for,
             "warning",
             "Training {{ $labels.job }} makes no progress",
             "The gradmon agent of {{ $labels.job }} is up but has seen no optimizer step "
-            f"(gradmon_steps_total) for {o.stalled_window}: the job may hang in a collective, "
+            f"({steps}) for {o.stalled_window}: the job may hang in a collective, "
             "the data loader or I/O, or run a long evaluation or checkpoint.",
         ),
         alert(
@@ -296,12 +304,12 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
             # other than exactly 1, the value of a disabled GradScaler(enabled=False))
             # and steps were skipped in the same window. With a scaler and no skip, the
             # non-finite steps reached the optimizer.
-            f"max by ({run}) (increase(gradmon_nonfinite_steps_total[{nf}])) > 0\n"
+            f"max by ({run}) (increase({schema.NONFINITE_STEPS.series}[{nf}])) > 0\n"
             f"unless on ({run})\n"
             f"(\n"
-            f"  max by ({run}) (increase(gradmon_skipped_steps_total[{nf}])) > 0\n"
+            f"  max by ({run}) (increase({schema.SKIPPED_STEPS.series}[{nf}])) > 0\n"
             f"  and on ({run})\n"
-            f"  max by ({run}) (gradmon_loss_scale) != 1\n"
+            f"  max by ({run}) ({scale}) != 1\n"
             f")",
             o.nonfinite_for,
             "critical",
@@ -314,8 +322,7 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         ),
         alert(
             "GradmonExplodingGradients",
-            f"max by ({run}, layer) (max_over_time(gradmon_grad_norm[{o.exploding_window}]))"
-            f" > {exploding}",
+            f"max by ({run}, layer) (max_over_time({norm}[{o.exploding_window}])) > {exploding}",
             o.exploding_for,
             "critical",
             "Exploding gradient in {{ $labels.layer }} ({{ $labels.job }})",
@@ -326,14 +333,14 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         alert(
             "GradmonVanishingGradients",
             f"(\n"
-            f"  max by ({run}, layer) (gradmon_grad_rms) < {vanishing_rms}\n"
+            f"  max by ({run}, layer) ({rms}) < {vanishing_rms}\n"
             f"  or\n"
-            f"  max by ({run}, layer) (gradmon_grad_rms)\n"
+            f"  max by ({run}, layer) ({rms})\n"
             f"    < on ({run}) group_left ()\n"
-            f"  ({vanishing_ratio} * quantile by ({run}) (0.5, gradmon_grad_rms))\n"
+            f"  ({vanishing_ratio} * quantile by ({run}) (0.5, {rms}))\n"
             f")\n"
             f"unless on ({run}, layer)\n"
-            f"min by ({run}, layer) (gradmon_grad_zero_ratio) == 1",
+            f"min by ({run}, layer) ({zeros}) == 1",
             o.vanishing_for,
             "warning",
             "Vanishing gradient in {{ $labels.layer }} ({{ $labels.job }})",
@@ -351,7 +358,7 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
             f"or\n"
             # Steps between scrapes: the histogram sees every collected step.
             f"max by ({run}) (\n"
-            f"  histogram_quantile(1, rate({g}_per_step_bucket[{o.spike_window}])) / {width}\n"
+            f"  histogram_quantile(1, rate({per_step}[{o.spike_window}])) / {width}\n"
             f"  / {baseline}\n"
             f") > {spike}",
             o.spike_for,
@@ -363,7 +370,7 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         ),
         alert(
             "GradmonDeadLayer",
-            f"min by ({run}, layer) (gradmon_grad_zero_ratio) == 1",
+            f"min by ({run}, layer) ({zeros}) == 1",
             o.dead_for,
             "warning",
             "Dead layer {{ $labels.layer }} ({{ $labels.job }})",
@@ -373,9 +380,9 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         alert(
             "GradmonLossScaleCollapse",
             f"min by ({run}) (\n"
-            f"  gradmon_loss_scale < {floor}\n"
+            f"  {scale} < {floor}\n"
             f"  or\n"
-            f"  gradmon_loss_scale <= max_over_time(gradmon_loss_scale[{o.loss_scale_window}])"
+            f"  {scale} <= max_over_time({scale}[{o.loss_scale_window}])"
             f" / {drop}\n"
             f")",
             o.loss_scale_for,

@@ -16,9 +16,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from gradmon import GradmonError
-from gradmon.cli import main as cli_main
-from gradmon.dashboards import DASHBOARD_FILES
-from gradmon.grafana_push import push_dashboards, resolve_auth
+from gradmon.ops.dashboards import DASHBOARD_FILES
+from gradmon.ops.grafana_push import push_dashboards, resolve_auth
+from gradmon.tools.cli import main as cli_main
 
 TOKEN = "glsa_secret-token-value"
 PASSWORD = "pa55-word-secret"

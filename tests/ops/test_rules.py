@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from gradmon import Config, GradmonError
-from gradmon.cli import main as cli_main
 from gradmon.config import ExporterConfig
-from gradmon.rules import ALERT_NAMES, RUNBOOK_URL, RuleOptions, render
+from gradmon.ops.rules import ALERT_NAMES, RUNBOOK_URL, RuleOptions, render
+from gradmon.tools.cli import main as cli_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROM = REPO / "deploy" / "prometheus"
 RULES_FILE = PROM / "rules" / "gradmon.rules.yml"
 K8S_RULE_FILE = REPO / "deploy" / "k8s" / "base" / "prometheusrule.yaml"
@@ -68,7 +68,7 @@ def test_shipped_rules_match_default_config(fmt: str, path: Path) -> None:
     shipped = path.read_text(encoding="utf-8") if path.exists() else ""
     rel = path.relative_to(REPO)
     assert shipped == expected, (
-        f"{rel} is out of date with gradmon/rules.py; regenerate it with\n"
+        f"{rel} is out of date with gradmon/ops/rules.py; regenerate it with\n"
         f"    gradmon rules --format {fmt} --output {rel}"
     )
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from gradmon.errors import GradmonError
 
+if TYPE_CHECKING:
+    # What add_subparsers() returns: where each command adds its parser.
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
 
 def _demo(args: argparse.Namespace) -> int:
-    from gradmon import demo
+    from gradmon.tools import demo
 
     result = demo.run_demo(  # prints its own summary at the end
         scenario=args.scenario,
@@ -38,7 +43,7 @@ def _rules(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gradmon.config import load_config
-    from gradmon.rules import render
+    from gradmon.ops.rules import render
 
     text = render(load_config(args.config), args.format)
     if args.output is None:
@@ -53,10 +58,10 @@ def _rules(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from gradmon import bench
+    from gradmon.tools import bench
 
     if args.peers:
-        from gradmon import bench_peers
+        from gradmon.tools import bench_peers
 
         print(bench_peers.format_peers(bench_peers.run_peers(steps=args.steps)))
         return 0
@@ -65,7 +70,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _dashboards_generate(args: argparse.Namespace) -> int:
-    from gradmon.dashboards import write
+    from gradmon.ops.dashboards import write
 
     for path in write(args.output_dir):
         print(f"wrote {path}")
@@ -75,11 +80,11 @@ def _dashboards_generate(args: argparse.Namespace) -> int:
 def _dashboards_push(args: argparse.Namespace) -> int:
     import json
 
-    from gradmon.grafana_push import push_dashboards, resolve_auth
+    from gradmon.ops.grafana_push import push_dashboards, resolve_auth
 
     # Credentials and URL first: a bad flag fails before the dashboards are built.
     auth = resolve_auth(args.url, token=args.token, basic_auth=args.basic_auth)
-    from gradmon.dashboards import build, render
+    from gradmon.ops.dashboards import build, render
 
     dashboards = {uid: json.loads(render(d)) for uid, d in build().items()}
     for result in push_dashboards(args.url, auth=auth, dashboards=dashboards, folder=args.folder):
@@ -170,8 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gradmon {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_config(sub)
+    _add_rules(sub)
+    _add_bench(sub)
+    _add_dashboards(sub)
+    _add_plot(sub)
+    _add_viz(sub)
+    return parser
 
-    from gradmon.demo import SCENARIOS
+
+def _add_demo(sub: Subparsers) -> None:
+    from gradmon.tools.demo import SCENARIOS
 
     demo = sub.add_parser("demo", help="a real training run with the agent attached")
     demo.add_argument("--scenario", choices=SCENARIOS, default="healthy")
@@ -202,13 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
 
+
+def _add_config(sub: Subparsers) -> None:
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = config_sub.add_parser("check", help="print the effective config or the errors")
     check.add_argument("file", help="a gradmon YAML config file")
     check.set_defaults(func=_config_check)
 
-    from gradmon.rules import FORMATS
+
+def _add_rules(sub: Subparsers) -> None:
+    from gradmon.ops.rules import FORMATS
 
     rules = sub.add_parser("rules", help="Prometheus alert rules rendered from a config")
     rules.add_argument("--config", default=None, help="a gradmon YAML config file")
@@ -221,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--output", default=None, help="write here (default: stdout)")
     rules.set_defaults(func=_rules)
 
+
+def _add_bench(sub: Subparsers) -> None:
     bench = sub.add_parser("bench", help="agent overhead on the reference model (CPU)")
     bench.add_argument("--steps", type=int, default=30, help="interleaved steps per variant")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -231,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=_bench)
 
+
+def _add_dashboards(sub: Subparsers) -> None:
     dashboards = sub.add_parser("dashboards", help="Grafana dashboards: generate the JSON, push")
     dash_sub = dashboards.add_subparsers(dest="dashboards_command", required=True, metavar="ACTION")
     generate = dash_sub.add_parser("generate", help="write the dashboard JSON files")
@@ -252,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.set_defaults(func=_dashboards_push)
 
+
+def _add_plot(sub: Subparsers) -> None:
     plot = sub.add_parser(
         "plot", help="a PNG report of a record file (record.path): norms, layer heatmap, anomalies"
     )
@@ -261,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.set_defaults(func=_plot)
 
+
+def _add_viz(sub: Subparsers) -> None:
     viz = sub.add_parser("viz", help="visual tools for a model (needs gradmon[viz])")
     viz_sub = viz.add_subparsers(dest="viz_command", required=True, metavar="ACTION")
     maximize = viz_sub.add_parser(
@@ -290,7 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     maximize.add_argument("--jitter", type=int, default=2, help="random shift, pixels")
     maximize.add_argument("--seed", type=int, default=0)
     maximize.set_defaults(func=_viz_maximize)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

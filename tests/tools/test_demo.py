@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import io
 import math
+import socket
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from rich.console import Console
 
 import gradmon
-from gradmon import demo
-from gradmon.demo import DEFAULT_STEPS, SCENARIOS, DemoResult, _Progress, run_demo, summary
 from gradmon.errors import GradmonError
+from gradmon.tools.demo import DEFAULT_STEPS, SCENARIOS, DemoResult, run_demo, summary
+from gradmon.tools.demo.loop import Progress
+from gradmon.tools.demo.view import render
 
 SHORT = 40  # steps for the faulty scenarios in the fast tests
 
@@ -111,26 +114,40 @@ def test_progress_lines_and_summary_without_a_terminal(capsys: pytest.CaptureFix
     assert summary(result) in out
 
 
-def test_metrics_are_served_while_training(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metrics_are_served_while_training() -> None:
+    """A scraper beside the run, as Prometheus would be: the last scrape before the run
+    ends (it holds its server up for a moment after training) shows the final state."""
+    with socket.socket() as s:  # a free port, so the scraper knows where to look
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     scraped: list[str] = []
-    train = demo._train
+    done = threading.Event()
 
-    def train_then_scrape(*args: Any) -> None:
-        train(*args)
-        progress = args[2]  # scrape before run_demo closes the monitor and its server
-        with urllib.request.urlopen(progress.url, timeout=10) as response:
-            scraped.append(response.read().decode())
+    def scrape() -> None:
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                    scraped.append(r.read().decode())
+            except OSError:
+                pass  # not up yet, or closed
+            time.sleep(0.05)
 
-    monkeypatch.setattr(demo, "_train", train_then_scrape)
-    result = _demo("nonfinite", 25)
-    assert result.port is not None
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        result = run_demo("nonfinite", steps=25, port=port, live=False, hold=1.0)
+    finally:
+        done.set()
+        scraper.join(timeout=10)
+    assert scraped and result.port == port
     samples = {
         line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
-        for line in scraped[0].splitlines()
+        for line in scraped[-1].splitlines()
         if line.startswith("gradmon_")
     }
     assert samples['gradmon_anomalies_total{kind="nonfinite",layer="0.weight"}'] == 1
     assert samples["gradmon_nonfinite_steps_total"] == 1
+    assert samples["gradmon_steps_total"] == 25
     assert samples['gradmon_scalar{name="loss"}'] == pytest.approx(result.final_loss)
 
 
@@ -154,10 +171,10 @@ def test_live_view_renders() -> None:
         model(torch.randn(3, 4)).sum().backward()
         mon.collect()
         snap = mon.snapshot()
-    progress = _Progress("vanishing", 5, "http://127.0.0.1:9400/metrics", counts={"dead": 2})
+    progress = Progress("vanishing", 5, "http://127.0.0.1:9400/metrics", counts={"dead": 2})
     progress.step, progress.loss, progress.snapshot = 1, 0.25, snap
     console = Console(file=io.StringIO(), width=120, force_terminal=True, record=True)
-    console.print(progress.render())
+    console.print(render(progress))
     text = console.export_text()
     assert "gradmon demo: vanishing" in text
     assert "step 1/5" in text and "loss 0.25" in text

@@ -1,274 +1,42 @@
-"""A local Prometheus and Alertmanager on loopback, for `gradmon demo --with-prometheus`
-and the end-to-end tests.
-
-    with LocalStack(["deploy/prometheus/rules/gradmon.rules.yml"],
-                    targets=[Target("127.0.0.1:9400", job="gradmon")],
-                    webhook_url=receiver.url) as stack:
-        print(stack.prometheus_url, stack.alertmanager_url)
-
-Both servers listen on 127.0.0.1 only, on free ports, with their storage in a temporary
-directory that is removed on stop. Prometheus scrapes every `scrape_interval` (1 s by
-default, far shorter than a production setup: a demo run lasts seconds to minutes) and
-evaluates the rules as often; its targets come from a file_sd directory, so targets can
-be added and removed while it runs (`set_target`, `remove_target`), which picks them up
-within about 10 s (Prometheus throttles discovery updates to one per 5 s twice over).
-Alertmanager routes every alert to one webhook (or nowhere) with short group timers.
-
-The processes are stopped by `stop()`, the context manager, or at interpreter exit
-(atexit), whichever comes first: terminate, wait, kill.
-
-`WebhookReceiver` is an HTTP server on 127.0.0.1 that collects the JSON Alertmanager POSTs.
-"""
+"""`LocalStack`: Prometheus and Alertmanager processes on loopback, their config, their
+targets (file_sd) and the queries the demo and the tests ask them."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import http.server
-import ipaddress
 import json
-import math
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import yaml
 
-from gradmon.errors import GradmonError
+from gradmon.tools.localstack.common import (
+    HTTP_TIMEOUT,
+    LOOPBACK,
+    OPENER,
+    LocalStackError,
+    Served,
+    Target,
+    duration,
+    find_binary,
+    free_port,
+    http_json,
+    is_loopback,
+    tail,
+    terminate,
+)
 
-__all__ = [
-    "LOOPBACK",
-    "LocalStack",
-    "LocalStackError",
-    "MissingBinaryError",
-    "Target",
-    "WebhookReceiver",
-    "find_binary",
-]
-
-LOOPBACK = "127.0.0.1"
-
-# binary -> (names to look for on PATH, Debian/Ubuntu package). Debian installs
-# Alertmanager as `prometheus-alertmanager`; upstream tarballs call it `alertmanager`.
-_BINARIES: dict[str, tuple[tuple[str, ...], str]] = {
-    "prometheus": (("prometheus",), "prometheus"),
-    "alertmanager": (("alertmanager", "prometheus-alertmanager"), "prometheus-alertmanager"),
-}
-
-STOP_TIMEOUT = 10.0  # seconds from SIGTERM to SIGKILL
-_HTTP_TIMEOUT = 5.0
-# Never through a proxy from the environment: everything here is on loopback.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class LocalStackError(GradmonError):
-    """The local Prometheus/Alertmanager could not be started or asked."""
-
-
-class MissingBinaryError(LocalStackError):
-    """A binary the local stack needs is not on PATH."""
-
-    def __init__(self, binary: str, names: Sequence[str], package: str) -> None:
-        self.binary = binary
-        self.package = package
-        looked = " or ".join(f"`{n}`" for n in names)
-        super().__init__(
-            f"{binary} is not installed: no {looked} on PATH. Install it (Debian/Ubuntu: "
-            f"`apt-get install {package}`)"
-        )
-
-
-def find_binary(binary: str, path: str | os.PathLike[str] | None = None) -> str:
-    """The path of `prometheus` or `alertmanager`; MissingBinaryError names the package."""
-    if binary not in _BINARIES:
-        raise LocalStackError(f"unknown binary {binary!r}; one of {', '.join(_BINARIES)}")
-    names, package = _BINARIES[binary]
-    if path is not None:
-        found = shutil.which(os.fspath(path))
-        if found is None:
-            raise LocalStackError(f"{binary}_bin={os.fspath(path)!r} is not an executable")
-        return found
-    for name in names:
-        found = shutil.which(name)
-        if found is not None:
-            return found
-    raise MissingBinaryError(binary, names, package)
-
-
-@dataclass(frozen=True)
-class Target:
-    """A scrape target: `host:port` of a gradmon agent, its job label and extra labels."""
-
-    address: str
-    job: str = "gradmon"
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-    def group(self) -> dict[str, Any]:
-        """The file_sd target group. Target-group labels win over the scrape job's name."""
-        return {"targets": [self.address], "labels": {**self.labels, "job": self.job}}
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _duration(value: float) -> str:
-    """Seconds as a Prometheus duration (whole milliseconds)."""
-    if not (math.isfinite(value) and value > 0):
-        raise LocalStackError(f"a duration must be a positive number of seconds, not {value!r}")
-    ms = max(1, round(value * 1000))
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def http_json(
-    url: str,
-    params: Mapping[str, str] | None = None,
-    *,
-    data: bytes | None = None,
-    timeout: float = _HTTP_TIMEOUT,
-) -> Any:
-    """GET (or POST `data`) a loopback URL and decode its JSON (None for an empty body);
-    errors name the URL (without its query) and what failed."""
-    full = f"{url}?{urllib.parse.urlencode(params)}" if params else url
-    request = urllib.request.Request(full, data=data)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            text = response.read().decode("utf-8")
-            return json.loads(text) if text.strip() else None
-    except urllib.error.HTTPError as exc:
-        body = exc.read().decode("utf-8", errors="replace")
-        try:
-            detail = json.loads(body).get("error", body)
-        except (ValueError, AttributeError):
-            detail = body
-        raise LocalStackError(f"{url}: HTTP {exc.code}: {detail}") from exc
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise LocalStackError(f"{url}: {exc}") from exc
-
-
-# ------------------------------------------------------------------------ the webhook
-class WebhookReceiver:
-    """Collects Alertmanager's webhook POSTs (JSON) on http://127.0.0.1:<port>/.
-
-    on_payload(payload) is called on the server's thread for each POST.
-    """
-
-    def __init__(self, on_payload: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self._lock = threading.Lock()
-        self._payloads: list[dict[str, Any]] = []
-        self._on_payload = on_payload
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> WebhookReceiver:
-        if self._server is not None:
-            return self
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length)
-                try:
-                    payload = json.loads(body.decode("utf-8"))
-                except ValueError:
-                    self.send_response(400)
-                    self.end_headers()
-                    return
-                receiver._received(payload)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # no access log on stderr
-
-        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="gradmon-webhook", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def _received(self, payload: Any) -> None:
-        if not isinstance(payload, dict):
-            return
-        with self._lock:
-            self._payloads.append(payload)
-        if self._on_payload is not None:
-            self._on_payload(payload)
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise LocalStackError("the webhook receiver is not started")
-        return f"http://{LOOPBACK}:{self._server.server_address[1]}/"
-
-    @property
-    def payloads(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self._payloads)
-
-    def alerts(self) -> list[dict[str, Any]]:
-        """Every alert of every payload so far, each with its `status` at delivery."""
-        return [a for p in self.payloads for a in p.get("alerts", []) if isinstance(a, dict)]
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=STOP_TIMEOUT)
-            self._thread = None
-
-    def __enter__(self) -> WebhookReceiver:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+__all__ = ["LocalStack"]
 
 
 # -------------------------------------------------------------------------- the stack
@@ -282,7 +50,7 @@ def _stop_all() -> None:
         stack.stop()
 
 
-class LocalStack:
+class LocalStack(Served):
     """Prometheus + Alertmanager on 127.0.0.1, for one process's lifetime at most.
 
     rules_files: Prometheus rule files to load. targets: scrape targets at start (more with
@@ -313,9 +81,7 @@ class LocalStack:
         for path in self.rules_files:
             if not path.is_file():
                 raise LocalStackError(f"rules file {path} does not exist")
-        if webhook_url is not None and not _is_loopback(
-            urllib.parse.urlsplit(webhook_url).hostname
-        ):
+        if webhook_url is not None and not is_loopback(urllib.parse.urlsplit(webhook_url).hostname):
             raise LocalStackError(
                 f"webhook_url {webhook_url!r}: the local stack only talks to loopback"
             )
@@ -323,12 +89,12 @@ class LocalStack:
         for target in targets:
             _check_target(target)
         self._initial_targets = list(targets)
-        self.scrape_interval = _duration(scrape_interval)
-        self.evaluation_interval = _duration(evaluation_interval)
+        self.scrape_interval = duration(scrape_interval)
+        self.evaluation_interval = duration(evaluation_interval)
         self._am_timers = {
-            "group_wait": _duration(group_wait),
-            "group_interval": _duration(group_interval),
-            "repeat_interval": _duration(repeat_interval),
+            "group_wait": duration(group_wait),
+            "group_interval": duration(group_interval),
+            "repeat_interval": duration(repeat_interval),
         }
         self.group_by = list(group_by)
         self.inhibit_rules = [dict(r) for r in inhibit_rules]
@@ -363,10 +129,10 @@ class LocalStack:
         if self._alerts_page is None:
             self._alerts_page = f"{base}/alerts"
             with contextlib.suppress(urllib.error.URLError, OSError):
-                with _OPENER.open(f"{base}/classic/alerts", timeout=_HTTP_TIMEOUT):
+                with OPENER.open(f"{base}/classic/alerts", timeout=HTTP_TIMEOUT):
                     pass
                 try:
-                    with _OPENER.open(self._alerts_page, timeout=_HTTP_TIMEOUT):
+                    with OPENER.open(self._alerts_page, timeout=HTTP_TIMEOUT):
                         pass
                 except urllib.error.HTTPError:
                     self._alerts_page = f"{base}/classic/alerts"
@@ -472,7 +238,7 @@ class LocalStack:
         assert self.workdir is not None
         log = self.workdir / f"{name}.log"
         for attempt in range(3):
-            port = _free_port()
+            port = free_port()
             with log.open("ab") as out:
                 proc = subprocess.Popen(
                     argv(port), stdin=subprocess.DEVNULL, stdout=out, stderr=out
@@ -484,23 +250,23 @@ class LocalStack:
                 if proc.poll() is not None:
                     break
                 try:
-                    with _OPENER.open(url, timeout=1.0) as response:
+                    with OPENER.open(url, timeout=1.0) as response:
                         if response.status == 200:
                             return port
                 except (urllib.error.URLError, OSError):
                     pass
                 time.sleep(0.1)
-            _terminate(proc)
+            terminate(proc)
             del self._procs[name]
-            tail = _tail(log)
-            if "address already in use" in tail and attempt < 2:
+            log_tail = tail(log)
+            if "address already in use" in log_tail and attempt < 2:
                 continue
             reason = (
                 f"exited with code {proc.returncode}"
                 if proc.returncode not in (None, -15, -9)
                 else f"not ready within {self.startup_timeout:g} s"
             )
-            raise LocalStackError(f"{name} {reason}; the end of {log}:\n{tail}")
+            raise LocalStackError(f"{name} {reason}; the end of {log}:\n{log_tail}")
         raise LocalStackError(f"{name}: no free port")  # pragma: no cover
 
     def stop(self) -> None:
@@ -510,24 +276,13 @@ class LocalStack:
             # Prometheus first: it would otherwise keep sending to a stopped Alertmanager.
             for name in ("prometheus", "alertmanager"):
                 if name in procs:
-                    _terminate(procs[name])
+                    terminate(procs[name])
             self._alerts_page = None
             self.prometheus_port = self.alertmanager_port = None
             workdir, self.workdir = self.workdir, None
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
             _RUNNING.discard(self)
-
-    def __enter__(self) -> LocalStack:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- targets
     def set_target(self, target: Target) -> None:
@@ -614,7 +369,7 @@ class LocalStack:
 
 def _check_target(target: Target) -> None:
     host = urllib.parse.urlsplit(f"//{target.address}").hostname
-    if not _is_loopback(host):
+    if not is_loopback(host):
         raise LocalStackError(
             f"target {target.address!r}: the local stack only scrapes loopback addresses "
             "(127.0.0.1:PORT, localhost:PORT, [::1]:PORT)"
@@ -623,13 +378,3 @@ def _check_target(target: Target) -> None:
 
 def _safe(job: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in job) or "_"
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradmon.bench import format_result, run_bench
-from gradmon.bench_peers import format_peers, run_peers
+from gradmon.tools.bench import format_result, run_bench
+from gradmon.tools.bench_peers import format_peers, run_peers
 
 
 def test_bench_reports_ratios() -> None:
@@ -35,7 +35,7 @@ def test_peers_are_all_listed() -> None:
 
 def _run_script(name: str, *args: str) -> dict[str, Any]:
     """bench/<name> as a user runs it, with tiny sizes: it must not rot."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     cmd = [sys.executable, str(root / "bench" / name), *args, "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)

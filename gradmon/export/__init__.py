@@ -1,0 +1,1 @@
+"""Prometheus exposition: metric schema, the collector over the agent's state, the server."""

@@ -1,0 +1,1 @@
+"""Rendered from Config, never imported by the agent: alert rules, dashboards, Grafana push."""

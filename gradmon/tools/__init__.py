@@ -1,0 +1,1 @@
+"""The `gradmon` command line and what only it uses: demo, local stack, benchmarks."""

@@ -1,0 +1,124 @@
+"""What the demo shows: a live view in a terminal, progress lines otherwise, a summary."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from gradmon.snapshot import ANOMALY_KINDS
+from gradmon.tools.demo.loop import DemoResult, Progress
+from gradmon.tools.demo.scenarios import DESCRIPTIONS
+
+__all__ = ["line", "render", "shown", "summary"]
+
+REFRESH_SECONDS = 0.25  # live view: a few redraws per second, whatever the step rate
+PRINT_LINES = 10  # without a terminal: about this many progress lines per run
+
+
+@contextlib.contextmanager
+def shown(progress: Progress, live: bool) -> Iterator[Callable[[bool], None]]:
+    """The training loop's `show(final)`: a live view when `live` and stdout is a
+    terminal, otherwise about PRINT_LINES progress lines."""
+    if live and sys.stdout.isatty():
+        with Live(render(progress), auto_refresh=False) as view:
+            last = [0.0]
+
+            def redraw(final: bool) -> None:
+                # Redraw a few times per second, not every step: a render (~4 ms)
+                # costs more than a training step of the MLP scenarios.
+                now = time.perf_counter()
+                if final or now - last[0] >= REFRESH_SECONDS:
+                    view.update(render(progress), refresh=True)
+                    last[0] = now
+
+            yield redraw
+        return
+    print(
+        f"gradmon demo '{progress.scenario}': {DESCRIPTIONS[progress.scenario]}; "
+        f"metrics: {progress.url or 'exporter disabled'}",
+        flush=True,
+    )
+    every = max(1, progress.steps // PRINT_LINES)
+
+    def report(final: bool) -> None:
+        if final or progress.step % every == 0:
+            print(line(progress), flush=True)
+
+    yield report
+
+
+def line(progress: Progress) -> str:
+    """One progress line: step, loss, global norm, health events so far."""
+    p = progress
+    norm = p.snapshot.global_norm if p.snapshot is not None else math.nan
+    events = ", ".join(f"{k} {n}" for k, n in p.counts.items()) or "none"
+    return (
+        f"[{p.scenario}] step {p.step}/{p.steps}  loss {p.loss:.4g}  "
+        f"grad norm {norm:.3g}  events: {events}"
+    )
+
+
+def render(progress: Progress) -> Group:
+    """The live view: the run, the smallest and largest layer norms, events by kind."""
+    p = progress
+    snap = p.snapshot
+    norm = snap.global_norm if snap is not None else math.nan
+    head = Table.grid(padding=(0, 2))
+    head.add_row(
+        Text(f"gradmon demo: {p.scenario}", style="bold"),
+        f"step {p.step}/{p.steps}",
+        f"{time.perf_counter() - p.started:.1f} s",
+    )
+    head.add_row(f"loss {p.loss:.4g}", f"global grad norm {norm:.4g}", "")
+    head.add_row(f"metrics: {p.url or 'exporter disabled'}", "", "")
+
+    layers = Table(title="per-layer gradient norm", title_justify="left")
+    layers.add_column("smallest")
+    layers.add_column("norm", justify="right")
+    layers.add_column("largest")
+    layers.add_column("norm", justify="right")
+    if snap is not None:
+        ranked = sorted((s.norm, name) for name, s in snap.layers.items() if s.received)
+        for (lo, lo_name), (hi, hi_name) in zip(ranked[:3], ranked[::-1][:3], strict=False):
+            layers.add_row(lo_name, f"{lo:.3g}", hi_name, f"{hi:.3g}")
+
+    events = Table(title="health events so far", title_justify="left")
+    events.add_column("kind")
+    events.add_column("events", justify="right")
+    events.add_column("layers")
+    for kind in ANOMALY_KINDS:
+        n = p.counts.get(kind, 0)
+        names = sorted(p.detected.get(kind, ()))
+        shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+        events.add_row(kind, Text(str(n), style="bold red" if n else "green"), shown)
+    return Group(head, Text(DESCRIPTIONS[p.scenario], style="dim"), layers, events)
+
+
+def summary(result: DemoResult) -> str:
+    """A few lines: the run, and what gradmon detected (kind -> layers, counts)."""
+    lines = [
+        f"gradmon demo '{result.scenario}': {result.steps} steps in {result.seconds:.1f} s, "
+        f"loss {result.initial_loss:.4g} -> {result.final_loss:.4g}"
+    ]
+    if not result.anomaly_counts:
+        lines.append("  no anomalies detected")
+    for kind in ANOMALY_KINDS:
+        if kind not in result.anomaly_counts:
+            continue
+        layers = sorted(result.detected.get(kind, ()))
+        shown = ", ".join(layers[:4]) + (f" (+{len(layers) - 4} more)" if len(layers) > 4 else "")
+        step = result.first_detection.get(kind)
+        since = f", first at step {step}" if step is not None else ""
+        lines.append(
+            f"  {kind}: {result.anomaly_counts[kind]} events in {len(layers)} layer(s){since}: "
+            f"{shown}"
+        )
+    return "\n".join(lines)
