@@ -4,6 +4,8 @@
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine, from anywhere in the repo
 #   bash bench/gpu_check.sh --fetch-wheels  # beforehand, on a machine with network
+#   bash bench/gpu_check.sh --dry-run       # on any machine (CPU): every stage's command
+#                                           # resolves: imports, test collection, bench CLI
 #
 # The GPU image has torch and triton but not pydantic, which `import gradmon` needs.
 # --fetch-wheels downloads the wheels of gradmon's pure-Python needs for that machine's
@@ -45,6 +47,20 @@ print(*(m.version(n) for n in names))')
         "pydantic==$PYD" "pydantic-core==$PYD_CORE" "annotated-types==$AT" \
         "typing-inspection==$TI" "typing-extensions==$TE"
     ls -la "$WHEELS"
+    exit 0
+fi
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+    # What a move of files can break, checked without a GPU (tests/test_gpu_check.py runs
+    # this in CI): gradmon and its stats backends import from this checkout, the GPU tests
+    # are collected, and the bench script parses its arguments.
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    set -x
+    "$PY" -c 'import gradmon, gradmon.stats, gradmon.stats.torch, gradmon.stats.reference'
+    "$PY" -m pytest -m gpu tests/test_cuda.py --collect-only -q -p no:cacheprovider >/dev/null
+    "$PY" bench/gpu_bench.py --help >/dev/null
+    set +x
+    echo "gpu_check --dry-run: ok (stages env, tests, bench resolve on this checkout)"
     exit 0
 fi
 
