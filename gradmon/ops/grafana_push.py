@@ -107,9 +107,8 @@ def push_dashboards(
     """Save `dashboards` (uid -> dashboard JSON) in Grafana at `url`, in `folder` (by title;
     created when missing; None: the General folder), overwriting the same uids."""
     try:
-        import niquests
+        import niquests  # noqa: F401  (grafana-client's HTTP library: part of the check)
         from grafana_client.api import GrafanaApi
-        from grafana_client.client import GrafanaException, GrafanaTimeoutError
     except ImportError as exc:
         raise GradmonError(
             "gradmon dashboards push needs grafana-client: pip install 'gradmon[grafana]'"
@@ -128,41 +127,7 @@ def push_dashboards(
         timeout=timeout,
     )
 
-    def scrub(text: str) -> str:
-        for secret in auth.secrets:
-            if secret:
-                text = text.replace(secret, "***")
-        return text
-
-    def call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except GrafanaTimeoutError:
-            raise GradmonError(
-                f"Grafana at {shown} did not answer {what} within {timeout:g} s"
-            ) from None
-        except GrafanaException as exc:
-            status = exc.status_code
-            if status == 401:
-                raise GradmonError(
-                    f"Grafana at {shown} rejected {auth.description} (HTTP 401 on {what}): "
-                    "check the token or user and password"
-                ) from None
-            if status == 403:
-                raise GradmonError(
-                    f"Grafana at {shown} denied {what} to {auth.description} (HTTP 403): "
-                    "the credential needs the Editor role (or dashboards:write and "
-                    "folders:create)"
-                ) from None
-            raise GradmonError(
-                scrub(f"Grafana at {shown} answered {what} with HTTP {status}: {exc.message}")
-            ) from None
-        except niquests.exceptions.RequestException as exc:
-            reason = "connection refused" if "refused" in str(exc).lower() else str(exc)
-            raise GradmonError(
-                scrub(f"cannot reach Grafana at {shown} ({what}): {reason}; is it running?")
-            ) from None
-
+    call = _caller(shown, auth, timeout)
     # Reachable, and a Grafana: fails early with the URL before anything is written.
     call("the health check (GET /api/frontend/settings)", api.health.check)
     folder_uid = None
@@ -182,6 +147,52 @@ def push_dashboards(
         version = answer.get("version") if isinstance(answer, dict) else None
         results.append(PushResult(uid, shown + path, version, folder_uid))
     return results
+
+
+def _caller(shown: str, auth: Auth, timeout: float) -> Callable[..., Any]:
+    """`call(what, fn, *args)`: fn(*args), with Grafana's and the network's failures as a
+    GradmonError that names the URL, the request and what to check (secrets scrubbed)."""
+    import niquests
+    from grafana_client.client import GrafanaException, GrafanaTimeoutError
+
+    def scrub(text: str) -> str:
+        for secret in auth.secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GrafanaTimeoutError:
+            raise GradmonError(
+                f"Grafana at {shown} did not answer {what} within {timeout:g} s"
+            ) from None
+        except GrafanaException as exc:
+            raise GradmonError(scrub(_refusal(shown, auth, what, exc))) from None
+        except niquests.exceptions.RequestException as exc:
+            reason = "connection refused" if "refused" in str(exc).lower() else str(exc)
+            raise GradmonError(
+                scrub(f"cannot reach Grafana at {shown} ({what}): {reason}; is it running?")
+            ) from None
+
+    return call
+
+
+def _refusal(shown: str, auth: Auth, what: str, exc: Any) -> str:
+    """What an HTTP error from Grafana means for the user."""
+    status = exc.status_code
+    if status == 401:
+        return (
+            f"Grafana at {shown} rejected {auth.description} (HTTP 401 on {what}): "
+            "check the token or user and password"
+        )
+    if status == 403:
+        return (
+            f"Grafana at {shown} denied {what} to {auth.description} (HTTP 403): "
+            "the credential needs the Editor role (or dashboards:write and folders:create)"
+        )
+    return f"Grafana at {shown} answered {what} with HTTP {status}: {exc.message}"
 
 
 def _folder_uid(api: Any, title: str, call: Callable[..., Any]) -> str:
