@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass
 
 from gradmon.config import HealthConfig
 from gradmon.snapshot import GLOBAL_LAYER, Anomaly, AnomalyKind, LayerStats
@@ -69,7 +69,6 @@ class _Track:
     negligible: bool = True  # negligible at every collection so far (structural candidate)
     structural: bool = False
     param_norm: float = math.nan  # at the last collection
-    log_norms: deque[float] = field(default_factory=deque)
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,6 @@ class HealthRules:
         self.config = config
         self._tracks: dict[str, _Track] = {}
         self._norms: deque[float] = deque(maxlen=config.spike_window)
-        self._log_norms: deque[float] = deque(maxlen=config.spike_window)
 
     def structurally_zero(self) -> tuple[str, ...]:
         """Layers whose gradient has been negligible since their first collection (see the
@@ -102,13 +100,11 @@ class HealthRules:
         vanishing: list[Anomaly] = []
         dead: list[Anomaly] = []
         finite_rms = [s.rms for s in layers.values() if s.received and s.numel > 0]
-        median_rms = statistics.median(finite_rms) if finite_rms else 0.0
+        median_rms = _median(finite_rms) if finite_rms else 0.0
         for name, s in layers.items():
             track = self._tracks.get(name)
             if track is None:
-                track = self._tracks[name] = _Track(
-                    deque(maxlen=cfg.spike_window), log_norms=deque(maxlen=cfg.spike_window)
-                )
+                track = self._tracks[name] = _Track(deque(maxlen=cfg.spike_window))
             track.seen += 1
             bad = s.nan_count + s.inf_count
             if bad:
@@ -149,12 +145,11 @@ class HealthRules:
         absolute = s.norm > cfg.exploding_norm
         ratio, threshold = 0.0, math.inf
         if s.received and s.norm > 0 and len(track.norms) >= cfg.spike_warmup:
-            ratio, threshold = self._judge(s.norm, track.norms, track.log_norms)
+            ratio, threshold = self._judge(s.norm, track.norms)
         over = ratio >= threshold
         track.over = track.over + 1 if over else 0
         if not over and s.received and s.norm > 0:
             track.norms.append(s.norm)
-            track.log_norms.append(math.log(s.norm))
         if not (over or absolute):
             return None
         weights_jumped = track.param_norm > 0 and (
@@ -188,27 +183,37 @@ class HealthRules:
                 median_rms,
             )
 
-    def _judge(self, norm: float, norms: deque[float], logs: deque[float]) -> tuple[float, float]:
+    def _judge(self, norm: float, norms: deque[float]) -> tuple[float, float]:
         """(norm / the median of `norms`, the threshold that ratio is held to)."""
-        center = statistics.median(logs)
-        spread = _MAD_TO_SIGMA * statistics.median(abs(x - center) for x in logs)
-        threshold = self.config.spike_factor * math.exp(self.config.spike_mad * spread)
-        return norm / statistics.median(norms), threshold
+        ratio = norm / _median(norms)
+        threshold = self.config.spike_factor
+        if ratio < threshold:  # the spread only raises it: the common case stops here
+            return ratio, threshold
+        logs = [math.log(x) for x in norms]
+        center = _median(logs)
+        spread = _MAD_TO_SIGMA * _median([abs(x - center) for x in logs])
+        return ratio, threshold * math.exp(self.config.spike_mad * spread)
 
     def _global_spike(self, step: int, global_norm: float) -> list[Anomaly]:
         """The global norm, judged like a layer (a spike is reported at every collection
         over the threshold; the baseline keeps the spike out)."""
         found: list[Anomaly] = []
-        norms, logs = self._norms, self._log_norms
+        norms = self._norms
         if global_norm <= 0 or not math.isfinite(global_norm):
             return found
         over = False
         if len(norms) >= self.config.spike_warmup:
-            ratio, threshold = self._judge(global_norm, norms, logs)
+            ratio, threshold = self._judge(global_norm, norms)
             over = ratio >= threshold
             if over:
                 found.append(Anomaly(GLOBAL_LAYER, "spike", ratio, step))
         if not over:
             norms.append(global_norm)
-            logs.append(math.log(global_norm))
         return found
+
+
+def _median(values: Collection[float]) -> float:
+    """statistics.median without its overhead (this runs per layer per collection)."""
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
