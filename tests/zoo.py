@@ -479,8 +479,14 @@ def run_case(case: Case, seed: int = 0, config: dict[str, Any] | None = None) ->
     )  # fmt: skip
 
 
-def _describe(found: list[Anomaly]) -> str:
-    return ", ".join(f"{a.kind} {a.layer}" for a in found[:3]) + (" ..." if len(found) > 3 else "")
+def _describe(found: list[Anomaly], first: int = 3) -> str:
+    """The first anomalies, then how many more (and the global spike if it is among them)."""
+    text = ", ".join(f"{a.kind} {a.layer}" for a in found[:first])
+    rest = found[first:]
+    if rest:
+        glob = " incl. spike global" if any(a.layer == GLOBAL_LAYER for a in rest) else ""
+        text += f" (+{len(rest)} more{glob})"
+    return text
 
 
 def table(results: list[Result]) -> str:
