@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gradmon.errors import GradmonError
 
@@ -117,21 +124,69 @@ class ExporterConfig(_Section):
 
 
 class HealthConfig(_Section):
-    """Thresholds. The same values render the Prometheus alert rules (see README)."""
+    """Thresholds. The same values render the Prometheus alert rules; README "Health rules
+    and their defaults" gives the measurement behind each default."""
 
     vanishing_rms: float = Field(1e-7, ge=0, description="layer grad rms below this is vanishing")
     vanishing_ratio: float = Field(
         1e-4, ge=0, lt=1, description="layer rms below this fraction of the median layer rms"
     )
-    exploding_norm: float = Field(1e3, gt=0, description="layer grad L2 norm above this")
+    exploding_norm: float = Field(
+        1e6,
+        gt=0,
+        description="absolute ceiling on a layer's grad L2 norm; growth against the layer's "
+        "own history (spike_factor) is the main rule, this only catches what no healthy run "
+        "of any reduction or batch size reaches",
+    )
     spike_factor: float = Field(
-        10.0, gt=1, description="global norm above this many times its running median"
+        10.0,
+        gt=1,
+        description="a norm (global, or a layer's own) above this many times its running "
+        "median is a spike",
     )
-    spike_window: int = Field(100, ge=3, description="collections in the running median")
-    spike_warmup: int = Field(10, ge=1, description="collections before spikes are judged")
+    spike_mad: float = Field(
+        3.0,
+        ge=0,
+        description="a layer's spike threshold is spike_factor * exp(spike_mad * the robust "
+        "spread (1.4826 MAD) of its log-norm): noisy layers need larger jumps",
+    )
+    spike_window: int = Field(
+        20, ge=3, description="collections in each running median (global and per layer)"
+    )
+    spike_warmup: int = Field(
+        10, ge=1, description="collections (of a layer: with a gradient) before spikes are judged"
+    )
     patience: int = Field(
-        3, ge=1, description="consecutive collections before vanishing/dead is reported"
+        3,
+        ge=1,
+        description="consecutive collections before vanishing is reported, a layer's spike "
+        "becomes exploding, and a negligible gradient is called structurally zero",
     )
+    dead_window: int = Field(
+        20,
+        ge=1,
+        description="consecutive collections without a (non-zero) gradient before a layer is "
+        "dead (or twice its longest idle run so far, if longer): long enough for conditional "
+        "computation (MoE experts idle for a few steps)",
+    )
+    structural_ratio: float = Field(
+        3e-5,
+        ge=0,
+        lt=1,
+        description="a gradient below this fraction of the median layer rms at every "
+        "collection since the first is structurally zero (rounding noise), said once",
+    )
+
+    @model_validator(mode="after")
+    def _warmup_fits_window(self) -> HealthConfig:
+        if self.spike_warmup > self.spike_window:
+            raise ValueError(
+                f"health.spike_warmup ({self.spike_warmup}) is larger than health.spike_window "
+                f"({self.spike_window}): the running median holds at most spike_window "
+                "collections, so spikes would never be judged; lower spike_warmup or raise "
+                "spike_window"
+            )
+        return self
 
 
 class TensorboardConfig(_Section):

@@ -1,72 +1,219 @@
-"""Health rules: classify each layer at each collection.
+"""Health rules: classify each layer at each collection, each against its own history.
 
-The rules, with the thresholds of `HealthConfig` (the same values render the alert rules):
-- nonfinite: the layer's grad holds NaN/Inf (every collection where it does);
-- exploding: the layer's grad norm is above `exploding_norm`;
-- spike: the global norm is above `spike_factor` times the median of the last
-  `spike_window` collections (after `spike_warmup` of them). A median, so one spike
-  barely moves the baseline it is judged against;
-- vanishing: rms below `vanishing_rms`, or below `vanishing_ratio` times the median
-  layer rms, for `patience` consecutive collections;
-- dead: an all-zero gradient, or no gradient at all, for `patience` consecutive collections.
+The rules, with the thresholds of `HealthConfig` (README "Health rules and their defaults"
+gives the measurements behind each default):
+
+- nonfinite: the layer's grad holds NaN/Inf (every collection where it does). Such a
+  collection is not judged for jumps and does not enter any baseline.
+- spike / exploding (relative): the layer's norm against its own baseline, the median of
+  its last `spike_window` norms (collections where it received a finite, non-zero
+  gradient; after `spike_warmup` of them). The threshold is `spike_factor` times
+  exp(`spike_mad` * the robust spread of the layer's log-norm), so a layer whose norm is
+  noisy by nature (an MoE expert fed 1 token one step and 9 the next) needs a larger jump.
+  The first `patience - 1` collections over the threshold are a `spike`; from the
+  `patience`-th in a row on it is `exploding`. While over, the baseline is frozen: the
+  report lasts as long as the layer stays up.
+- exploding (absolute): the layer's norm is above `exploding_norm`, a ceiling far above
+  healthy gradients of any reduction or batch size.
+- spike (global): the global norm, judged the same way against its own last
+  `spike_window` collections (reported at every collection it stays over; the
+  GradmonGradNormSpike alert holds the plain ratio to `spike_factor`).
+- vanishing: rms below `vanishing_rms`, or below `vanishing_ratio` times the median layer
+  rms, for `patience` consecutive collections.
+- structurally zero: a gradient that has been negligible (all zero, or rms below
+  `structural_ratio` times the median layer rms: rounding noise) at every collection since
+  the layer's first, for `patience` collections: a conv bias in front of BatchNorm, a
+  branch multiplied by a constant zero. Said once (a warning; `structurally_zero()` for a
+  gauge) and then neither vanishing nor dead; it leaves the set if it ever carries a
+  gradient.
+- dead: no gradient, or an all-zero one, in each of the last `dead_window` collections
+  (long enough for conditional computation: an MoE expert that gets no token for a while),
+  or twice the longest idle run the layer has come back from, if that is longer.
+
 Persistent conditions are reported at every collection they hold, so counters keep rising
 and alerts keep firing while the problem lasts.
+
+Order of the returned anomalies, so that the first one names the origin: nonfinite (in
+the order of `layers`), then the per-layer spike/exploding ones, first those whose
+parameter norm itself jumped by `spike_factor` since the last collection (a bad write into
+the weights), then by how far the gradient jumped against its own baseline, largest
+first; then the global spike, vanishing, dead.
 """
 
 from __future__ import annotations
 
-import statistics
+import logging
+import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
 from gradmon.config import HealthConfig
-from gradmon.snapshot import GLOBAL_LAYER, Anomaly, LayerStats
+from gradmon.snapshot import GLOBAL_LAYER, Anomaly, AnomalyKind, LayerStats
+
+log = logging.getLogger("gradmon")
+
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+@dataclass
+class _Track:
+    """One layer's history."""
+
+    norms: deque[float]
+    over: int = 0  # consecutive collections over the jump threshold
+    vanishing: int = 0  # consecutive vanishing collections
+    idle: int = 0  # consecutive collections without a (non-zero) gradient
+    longest_idle: int = 0  # the longest idle run it came back from
+    seen: int = 0  # collections that judged this layer
+    negligible: bool = True  # negligible at every collection so far (structural candidate)
+    structural: bool = False
+    param_norm: float = math.nan  # at the last collection
+
+
+@dataclass(frozen=True)
+class _Jump:
+    layer: str
+    kind: AnomalyKind
+    ratio: float
+    weights_jumped: bool
+    value: float
 
 
 class HealthRules:
     def __init__(self, config: HealthConfig) -> None:
         self.config = config
-        self._vanishing_run: dict[str, int] = {}
-        self._dead_run: dict[str, int] = {}
+        self._tracks: dict[str, _Track] = {}
         self._norms: deque[float] = deque(maxlen=config.spike_window)
+
+    def structurally_zero(self) -> tuple[str, ...]:
+        """Layers whose gradient has been negligible since their first collection (see the
+        module docstring); each was warned about once. A gauge per name, set to 1."""
+        return tuple(n for n, t in self._tracks.items() if t.structural)
 
     def evaluate(
         self, step: int, layers: Mapping[str, LayerStats], global_norm: float
     ) -> list[Anomaly]:
         cfg = self.config
-        found: list[Anomaly] = []
+        nonfinite: list[Anomaly] = []
+        jumps: list[_Jump] = []
+        vanishing: list[Anomaly] = []
+        dead: list[Anomaly] = []
         finite_rms = [s.rms for s in layers.values() if s.received and s.numel > 0]
-        median_rms = statistics.median(finite_rms) if finite_rms else 0.0
+        median_rms = _median(finite_rms) if finite_rms else 0.0
         for name, s in layers.items():
-            nonfinite = s.nan_count + s.inf_count
-            if nonfinite:
-                found.append(Anomaly(name, "nonfinite", float(nonfinite), step))
-            if s.norm > cfg.exploding_norm:
-                found.append(Anomaly(name, "exploding", s.norm, step))
+            track = self._tracks.get(name)
+            if track is None:
+                track = self._tracks[name] = _Track(deque(maxlen=cfg.spike_window))
+            track.seen += 1
+            bad = s.nan_count + s.inf_count
+            if bad:
+                nonfinite.append(Anomaly(name, "nonfinite", float(bad), step))
+            zero = not s.received or (s.numel > 0 and s.zero_ratio == 1.0)
+            self._structural(name, track, s, zero, bad > 0, median_rms)
+            if not bad:
+                jump = self._jump(name, track, s)
+                if jump is not None:
+                    jumps.append(jump)
+            track.param_norm = s.param_norm
 
-            dead = not s.received or (s.numel > 0 and s.zero_ratio == 1.0)
-            if self._persisted(self._dead_run, name, dead):
-                found.append(Anomaly(name, "dead", s.zero_ratio if s.received else 1.0, step))
+            # A zero gradient from the first collection on is structural, never dead.
+            idle = zero and not track.structural and not (s.received and track.negligible)
+            if not idle and track.idle:
+                track.longest_idle = max(track.longest_idle, track.idle)
+            track.idle = track.idle + 1 if idle else 0
+            # A layer that came back after n idle collections is dead only after 2n.
+            if track.idle >= max(cfg.dead_window, 2 * track.longest_idle):
+                dead.append(Anomaly(name, "dead", s.zero_ratio if s.received else 1.0, step))
 
-            vanishing = (
-                s.received
-                and not dead
-                and not nonfinite
-                and (s.rms < cfg.vanishing_rms or s.rms < cfg.vanishing_ratio * median_rms)
+            small = s.rms < cfg.vanishing_rms or s.rms < cfg.vanishing_ratio * median_rms
+            is_vanishing = s.received and not zero and not bad and not track.structural and small
+            track.vanishing = track.vanishing + 1 if is_vanishing else 0
+            if track.vanishing >= cfg.patience:
+                vanishing.append(Anomaly(name, "vanishing", s.rms, step))
+
+        jumps.sort(key=lambda j: (not j.weights_jumped, -j.ratio))
+        found = nonfinite + [Anomaly(j.layer, j.kind, j.value, step) for j in jumps]
+        if not nonfinite:
+            found += self._global_spike(step, global_norm)
+        return found + vanishing + dead
+
+    def _jump(self, name: str, track: _Track, s: LayerStats) -> _Jump | None:
+        """The layer's norm against its own baseline; records the norm in the baseline
+        unless it is over the threshold (the baseline stays what it was before)."""
+        cfg = self.config
+        absolute = s.norm > cfg.exploding_norm
+        ratio, threshold = 0.0, math.inf
+        if s.received and s.norm > 0 and len(track.norms) >= cfg.spike_warmup:
+            ratio, threshold = self._judge(s.norm, track.norms)
+        over = ratio >= threshold
+        track.over = track.over + 1 if over else 0
+        if not over and s.received and s.norm > 0:
+            track.norms.append(s.norm)
+        if not (over or absolute):
+            return None
+        weights_jumped = track.param_norm > 0 and (
+            s.param_norm >= cfg.spike_factor * track.param_norm
+        )
+        if absolute:
+            return _Jump(name, "exploding", max(ratio, 1.0), weights_jumped, s.norm)
+        kind: AnomalyKind = "exploding" if track.over >= cfg.patience else "spike"
+        return _Jump(name, kind, ratio, weights_jumped, ratio)
+
+    def _structural(
+        self, name: str, track: _Track, s: LayerStats, zero: bool, bad: bool, median_rms: float
+    ) -> None:
+        if not s.received:
+            return  # no gradient says nothing about its size
+        negligible = not bad and (zero or s.rms <= self.config.structural_ratio * median_rms)
+        if not negligible:
+            if track.structural:
+                log.info("gradmon: %s carries a gradient now; judged as any layer", name)
+            track.negligible = track.structural = False
+            return
+        if track.negligible and not track.structural and track.seen >= self.config.patience:
+            track.structural = True
+            log.warning(
+                "gradmon: %s has had a negligible gradient (rms %.3g, the median layer's "
+                "%.3g) since its first collection: structurally zero, e.g. a bias in front "
+                "of BatchNorm. Reported once, not as vanishing or dead; consider "
+                "bias=False or excluding it (collect.exclude)",
+                name,
+                s.rms,
+                median_rms,
             )
-            if self._persisted(self._vanishing_run, name, vanishing):
-                found.append(Anomaly(name, "vanishing", s.rms, step))
 
+    def _judge(self, norm: float, norms: deque[float]) -> tuple[float, float]:
+        """(norm / the median of `norms`, the threshold that ratio is held to)."""
+        ratio = norm / _median(norms)
+        threshold = self.config.spike_factor
+        if ratio < threshold:  # the spread only raises it: the common case stops here
+            return ratio, threshold
+        logs = [math.log(x) for x in norms]
+        center = _median(logs)
+        spread = _MAD_TO_SIGMA * _median([abs(x - center) for x in logs])
+        return ratio, threshold * math.exp(self.config.spike_mad * spread)
+
+    def _global_spike(self, step: int, global_norm: float) -> list[Anomaly]:
+        """The global norm, judged like a layer (a spike is reported at every collection
+        over the threshold; the baseline keeps the spike out)."""
+        found: list[Anomaly] = []
         norms = self._norms
-        if len(norms) >= cfg.spike_warmup:
-            baseline = statistics.median(norms)
-            if baseline > 0 and global_norm > cfg.spike_factor * baseline:
-                found.append(Anomaly(GLOBAL_LAYER, "spike", global_norm / baseline, step))
-        if global_norm > 0:
+        if global_norm <= 0 or not math.isfinite(global_norm):
+            return found
+        over = False
+        if len(norms) >= self.config.spike_warmup:
+            ratio, threshold = self._judge(global_norm, norms)
+            over = ratio >= threshold
+            if over:
+                found.append(Anomaly(GLOBAL_LAYER, "spike", ratio, step))
+        if not over:
             norms.append(global_norm)
         return found
 
-    def _persisted(self, runs: dict[str, int], name: str, condition: bool) -> bool:
-        run = runs.get(name, 0) + 1 if condition else 0
-        runs[name] = run
-        return run >= self.config.patience
+
+def _median(values: Collection[float]) -> float:
+    """statistics.median without its overhead (this runs per layer per collection)."""
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2

@@ -93,10 +93,10 @@ class Branchy(nn.Module):
         return self.shared(torch.tanh(self.shared(self.used(x))))
 
 
-def test_unused_parameters_are_dead_after_patience() -> None:
+def test_unused_parameters_are_dead_after_dead_window() -> None:
     model = Branchy()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    cfg = {**NO_SERVER, "health": {"patience": 2}}
+    cfg = {**NO_SERVER, "health": {"dead_window": 2}}
     with gradmon.attach(model, opt, config=cfg) as mon:
         for step in range(3):
             opt.zero_grad(set_to_none=False)  # zeros, not None: still "no gradient"

@@ -58,7 +58,8 @@ def record(tmp_path: Path) -> Path:
     net = SmallNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     path = tmp_path / "run.jsonl"
-    cfg = {**NO_SERVER, "record": {"path": str(path)}}
+    # dead_window 5: fc1.bias is all-zero for the last 10 collections of 40
+    cfg = {**NO_SERVER, "record": {"path": str(path)}, "health": {"dead_window": 5}}
     with gradmon.attach(net, opt, config=cfg) as mon:
         for i in range(40):
             opt.zero_grad(set_to_none=True)

@@ -147,9 +147,9 @@ def test_thresholds_flow_from_config() -> None:
             )
         )
     )
-    assert "> 1000.0" in default["GradmonExplodingGradients"]["expr"]
+    assert "> 1000000.0" in default["GradmonExplodingGradients"]["expr"]
     explode = custom["GradmonExplodingGradients"]
-    assert "> 250.0" in explode["expr"] and "1000.0" not in explode["expr"]
+    assert "> 250.0" in explode["expr"] and "1000000.0" not in explode["expr"]
     assert "exploding_norm = 250.0" in explode["annotations"]["description"]
     assert "< 1e-06" in custom["GradmonVanishingGradients"]["expr"]
     assert "(0.001 * quantile by" in custom["GradmonVanishingGradients"]["expr"]
