@@ -33,6 +33,10 @@ gives the measurements behind each default):
 Persistent conditions are reported at every collection they hold, so counters keep rising
 and alerts keep firing while the problem lasts.
 
+Vectorised over the layer axis: each layer's state (its last `spike_window` norms, run
+lengths, flags) lives in numpy arrays, so a collection costs a few array operations, not
+a Python loop over layers; Anomaly objects are made for flagged layers only.
+
 Order of the returned anomalies, so that the first one names the origin: nonfinite (in
 the order of `layers`), then the per-layer spike/exploding ones, first those whose
 parameter norm itself jumped by `spike_factor` since the last collection (a bad write into
@@ -45,165 +49,275 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
 
 from gradmon.config import HealthConfig
-from gradmon.snapshot import GLOBAL_LAYER, Anomaly, AnomalyKind, LayerStats
+from gradmon.snapshot import GLOBAL_LAYER, Anomaly, AnomalyKind, LayerStats, LayerTable
 
 log = logging.getLogger("gradmon")
+
+Array = np.ndarray[Any, Any]
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
-@dataclass
-class _Track:
-    """One layer's history."""
+class Judged:
+    """What the rules read of one collection, as arrays over its layers (in order)."""
 
-    norms: deque[float]
-    over: int = 0  # consecutive collections over the jump threshold
-    vanishing: int = 0  # consecutive vanishing collections
-    idle: int = 0  # consecutive collections without a (non-zero) gradient
-    longest_idle: int = 0  # the longest idle run it came back from
-    seen: int = 0  # collections that judged this layer
-    negligible: bool = True  # negligible at every collection so far (structural candidate)
-    structural: bool = False
-    param_norm: float = math.nan  # at the last collection
+    def __init__(self, names: Sequence[str], cols: Mapping[str, Array]) -> None:
+        self.names = names
+        self.received = cols["received"] > 0
+        self.numel = cols["numel"]
+        self.bad = cols["nan_count"] + cols["inf_count"]
+        self.norm = np.sqrt(cols["sum_squares"])
+        finite = self.numel - self.bad
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rms = np.where(finite > 0, self.norm / np.sqrt(np.maximum(finite, 1.0)), 0.0)
+        self.rms = np.where(self.received, rms, 0.0)
+        self.norm = np.where(self.received, self.norm, 0.0)
+        self.all_zero = self.received & (self.numel > 0) & (cols["zero_count"] == self.numel)
+        self.param_norm = np.sqrt(cols["param_sum_squares"])
+
+    @classmethod
+    def of(cls, layers: Mapping[str, LayerStats]) -> Judged:
+        if isinstance(layers, LayerTable):
+            return cls(layers.names, {k: layers.column(k) for k in _READ})
+        names = list(layers)
+        stats = [layers[n] for n in names]
+        cols = {
+            "received": np.array([s.received for s in stats], dtype=np.float64),
+            "numel": np.array([s.numel for s in stats], dtype=np.float64),
+            "nan_count": np.array([s.nan_count for s in stats], dtype=np.float64),
+            "inf_count": np.array([s.inf_count for s in stats], dtype=np.float64),
+            "sum_squares": np.array([s.norm**2 for s in stats], dtype=np.float64),
+            "zero_count": np.array([s.zero_ratio * s.numel for s in stats], dtype=np.float64),
+            "param_sum_squares": np.array([s.param_norm**2 for s in stats], dtype=np.float64),
+        }
+        return cls(names, cols)
 
 
-@dataclass(frozen=True)
-class _Jump:
-    layer: str
-    kind: AnomalyKind
-    ratio: float
-    weights_jumped: bool
-    value: float
+_READ = (
+    "received",
+    "numel",
+    "nan_count",
+    "inf_count",
+    "sum_squares",
+    "zero_count",
+    "param_sum_squares",
+)
+
+
+class _History:
+    """Each layer's last `window` norms (NaN: not yet filled), as one [window, layers]
+    array with a write position and a count per layer."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.values = np.full((window, 0), np.nan)
+        self.pos = np.zeros(0, dtype=np.int64)
+        self.count = np.zeros(0, dtype=np.int64)
+
+    def grow(self, size: int) -> None:
+        extra = size - self.values.shape[1]
+        if extra > 0:
+            self.values = np.concatenate([self.values, np.full((self.window, extra), np.nan)], 1)
+            self.pos = np.concatenate([self.pos, np.zeros(extra, dtype=np.int64)])
+            self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
+
+    def append(self, slots: Array, values: Array) -> None:
+        self.values[self.pos[slots], slots] = values
+        self.pos[slots] = (self.pos[slots] + 1) % self.window
+        self.count[slots] = np.minimum(self.count[slots] + 1, self.window)
+
+    def median(self, slots: Array) -> Array:
+        block = self.values[:, slots]
+        full = bool((self.count[slots] == self.window).all())
+        # Full windows (the steady state) hold no NaN: the plain median is faster.
+        median: Array = np.median(block, axis=0) if full else np.nanmedian(block, axis=0)
+        return median
+
+    def spread(self, slots: Array) -> Array:
+        """The robust spread (1.4826 MAD) of each layer's log-norm."""
+        logs = np.log(self.values[:, slots])
+        center = np.nanmedian(logs, axis=0)
+        spread: Array = _MAD_TO_SIGMA * np.nanmedian(np.abs(logs - center), axis=0)
+        return spread
 
 
 class HealthRules:
     def __init__(self, config: HealthConfig) -> None:
         self.config = config
-        self._tracks: dict[str, _Track] = {}
+        self._slot: dict[str, int] = {}
+        self._names: list[str] = []
+        self._cached: tuple[Sequence[str], Array] | None = None  # names -> their slots
+        self._hist = _History(config.spike_window)
+        self._state = {k: np.zeros(0, dtype=np.int64) for k in _COUNTS}
+        self._flags = {k: np.zeros(0, dtype=bool) for k in _FLAGS}
+        self._param_norm = np.zeros(0)  # at each layer's last collection (NaN: none yet)
         self._norms: deque[float] = deque(maxlen=config.spike_window)
 
     def structurally_zero(self) -> tuple[str, ...]:
         """Layers whose gradient has been negligible since their first collection (see the
         module docstring); each was warned about once. A gauge per name, set to 1."""
-        return tuple(n for n, t in self._tracks.items() if t.structural)
+        return tuple(self._names[i] for i in np.flatnonzero(self._flags["structural"]).tolist())
+
+    def _slots(self, names: Sequence[str]) -> Array:
+        """Each layer's position in the state arrays (new layers get new state)."""
+        if self._cached is not None and self._cached[0] is names:
+            return self._cached[1]
+        slots = np.empty(len(names), dtype=np.int64)
+        for i, name in enumerate(names):
+            slot = self._slot.get(name)
+            if slot is None:
+                slot = self._slot[name] = len(self._names)
+                self._names.append(name)
+            slots[i] = slot
+        size = len(self._names)
+        self._hist.grow(size)
+        for k, v in self._state.items():
+            self._state[k] = np.concatenate([v, np.zeros(size - len(v), dtype=np.int64)])
+        for k, f in self._flags.items():
+            fill = k == "negligible"  # negligible at every collection so far: yes, at first
+            self._flags[k] = np.concatenate([f, np.full(size - len(f), fill)])
+        more = size - len(self._param_norm)
+        self._param_norm = np.concatenate([self._param_norm, np.full(more, np.nan)])
+        self._cached = (names, slots)
+        return slots
 
     def evaluate(
         self, step: int, layers: Mapping[str, LayerStats], global_norm: float
     ) -> list[Anomaly]:
-        cfg = self.config
-        nonfinite: list[Anomaly] = []
-        jumps: list[_Jump] = []
-        vanishing: list[Anomaly] = []
-        dead: list[Anomaly] = []
-        finite_rms = [s.rms for s in layers.values() if s.received and s.numel > 0]
-        median_rms = _median(finite_rms) if finite_rms else 0.0
-        for name, s in layers.items():
-            track = self._tracks.get(name)
-            if track is None:
-                track = self._tracks[name] = _Track(deque(maxlen=cfg.spike_window))
-            track.seen += 1
-            bad = s.nan_count + s.inf_count
-            if bad:
-                nonfinite.append(Anomaly(name, "nonfinite", float(bad), step))
-            zero = not s.received or (s.numel > 0 and s.zero_ratio == 1.0)
-            self._structural(name, track, s, zero, bad > 0, median_rms)
-            if not bad:
-                jump = self._jump(name, track, s)
-                if jump is not None:
-                    jumps.append(jump)
-            track.param_norm = s.param_norm
-
-            # A zero gradient from the first collection on is structural, never dead.
-            idle = zero and not track.structural and not (s.received and track.negligible)
-            if not idle and track.idle:
-                track.longest_idle = max(track.longest_idle, track.idle)
-            track.idle = track.idle + 1 if idle else 0
-            # A layer that came back after n idle collections is dead only after 2n.
-            if track.idle >= max(cfg.dead_window, 2 * track.longest_idle):
-                dead.append(Anomaly(name, "dead", s.zero_ratio if s.received else 1.0, step))
-
-            small = s.rms < cfg.vanishing_rms or s.rms < cfg.vanishing_ratio * median_rms
-            is_vanishing = s.received and not zero and not bad and not track.structural and small
-            track.vanishing = track.vanishing + 1 if is_vanishing else 0
-            if track.vanishing >= cfg.patience:
-                vanishing.append(Anomaly(name, "vanishing", s.rms, step))
-
-        jumps.sort(key=lambda j: (not j.weights_jumped, -j.ratio))
-        found = nonfinite + [Anomaly(j.layer, j.kind, j.value, step) for j in jumps]
+        j = Judged.of(layers)
+        slots = self._slots(j.names)
+        self._state["seen"][slots] += 1
+        got = j.received & (j.numel > 0)
+        median_rms = float(np.median(j.rms[got])) if got.any() else 0.0
+        zero = ~j.received | j.all_zero
+        self._structural(j, slots, zero, median_rms)
+        jumps = self._jumps(step, j, slots)
+        self._param_norm[slots] = j.param_norm
+        dead = self._dead(step, j, slots, zero)
+        vanishing = self._vanishing(step, j, slots, zero, median_rms)
+        nonfinite = [
+            Anomaly(j.names[i], "nonfinite", float(j.bad[i]), step)
+            for i in np.flatnonzero(j.bad).tolist()
+        ]
+        found = nonfinite + jumps
         if not nonfinite:
             found += self._global_spike(step, global_norm)
         return found + vanishing + dead
 
-    def _jump(self, name: str, track: _Track, s: LayerStats) -> _Jump | None:
-        """The layer's norm against its own baseline; records the norm in the baseline
-        unless it is over the threshold (the baseline stays what it was before)."""
-        cfg = self.config
-        absolute = s.norm > cfg.exploding_norm
-        ratio, threshold = 0.0, math.inf
-        if s.received and s.norm > 0 and len(track.norms) >= cfg.spike_warmup:
-            ratio, threshold = self._judge(s.norm, track.norms)
-        over = ratio >= threshold
-        track.over = track.over + 1 if over else 0
-        if not over and s.received and s.norm > 0:
-            track.norms.append(s.norm)
-        if not (over or absolute):
-            return None
-        weights_jumped = track.param_norm > 0 and (
-            s.param_norm >= cfg.spike_factor * track.param_norm
+    def _structural(self, j: Judged, slots: Array, zero: Array, median_rms: float) -> None:
+        """Negligible since the first collection, for `patience` of them: said once."""
+        cfg, flags = self.config, self._flags
+        negligible = (j.bad == 0) & (zero | (j.rms <= cfg.structural_ratio * median_rms))
+        considered = j.received  # no gradient says nothing about its size
+        back = considered & ~negligible
+        for i in np.flatnonzero(back & flags["structural"][slots]).tolist():
+            log.info("gradmon: %s carries a gradient now; judged as any layer", j.names[i])
+        flags["negligible"][slots[back]] = False
+        flags["structural"][slots[back]] = False
+        new = (
+            considered
+            & negligible
+            & flags["negligible"][slots]
+            & ~flags["structural"][slots]
+            & (self._state["seen"][slots] >= cfg.patience)
         )
-        if absolute:
-            return _Jump(name, "exploding", max(ratio, 1.0), weights_jumped, s.norm)
-        kind: AnomalyKind = "exploding" if track.over >= cfg.patience else "spike"
-        return _Jump(name, kind, ratio, weights_jumped, ratio)
-
-    def _structural(
-        self, name: str, track: _Track, s: LayerStats, zero: bool, bad: bool, median_rms: float
-    ) -> None:
-        if not s.received:
-            return  # no gradient says nothing about its size
-        negligible = not bad and (zero or s.rms <= self.config.structural_ratio * median_rms)
-        if not negligible:
-            if track.structural:
-                log.info("gradmon: %s carries a gradient now; judged as any layer", name)
-            track.negligible = track.structural = False
-            return
-        if track.negligible and not track.structural and track.seen >= self.config.patience:
-            track.structural = True
+        for i in np.flatnonzero(new).tolist():
+            flags["structural"][slots[i]] = True
             log.warning(
                 "gradmon: %s has had a negligible gradient (rms %.3g, the median layer's "
                 "%.3g) since its first collection: structurally zero, e.g. a bias in front "
                 "of BatchNorm. Reported once, not as vanishing or dead; consider "
                 "bias=False or excluding it (collect.exclude)",
-                name,
-                s.rms,
+                j.names[i],
+                j.rms[i],
                 median_rms,
             )
 
-    def _judge(self, norm: float, norms: deque[float]) -> tuple[float, float]:
-        """(norm / the median of `norms`, the threshold that ratio is held to)."""
-        ratio = norm / _median(norms)
-        threshold = self.config.spike_factor
-        if ratio < threshold:  # the spread only raises it: the common case stops here
-            return ratio, threshold
-        logs = [math.log(x) for x in norms]
-        center = _median(logs)
-        spread = _MAD_TO_SIGMA * _median([abs(x - center) for x in logs])
-        return ratio, threshold * math.exp(self.config.spike_mad * spread)
+    def _jumps(self, step: int, j: Judged, slots: Array) -> list[Anomaly]:
+        """Each finite layer's norm against its own baseline; a norm over the threshold
+        stays out of the baseline (it stays what it was before)."""
+        cfg, hist, over_run = self.config, self._hist, self._state["over"]
+        finite = j.bad == 0
+        absolute = finite & (j.norm > cfg.exploding_norm)
+        judged = finite & j.received & (j.norm > 0) & (hist.count[slots] >= cfg.spike_warmup)
+        ratio = np.zeros(len(slots))
+        idx = np.flatnonzero(judged)
+        if len(idx):
+            ratio[idx] = j.norm[idx] / hist.median(slots[idx])
+        over = ratio >= cfg.spike_factor  # the spread only raises the threshold
+        wide = np.flatnonzero(over)
+        if len(wide):
+            spread = hist.spread(slots[wide])
+            over[wide] = ratio[wide] >= cfg.spike_factor * np.exp(cfg.spike_mad * spread)
+        run = np.where(over, over_run[slots] + 1, 0)
+        over_run[slots] = np.where(finite, run, over_run[slots])  # NaN steps are not judged
+        grow = finite & ~over & j.received & (j.norm > 0)
+        hist.append(slots[grow], j.norm[grow])
+        flagged = np.flatnonzero(over | absolute)
+        if not len(flagged):
+            return []
+        before = self._param_norm[slots[flagged]]
+        weights_jumped = (before > 0) & (j.param_norm[flagged] >= cfg.spike_factor * before)
+        key = np.where(absolute[flagged], np.maximum(ratio[flagged], 1.0), ratio[flagged])
+        order = np.lexsort((flagged, -key, ~weights_jumped))
+        found = []
+        for k in order.tolist():
+            i = int(flagged[k])
+            if absolute[i]:
+                found.append(Anomaly(j.names[i], "exploding", float(j.norm[i]), step))
+                continue
+            kind: AnomalyKind = "exploding" if over_run[slots[i]] >= cfg.patience else "spike"
+            found.append(Anomaly(j.names[i], kind, float(ratio[i]), step))
+        return found
+
+    def _dead(self, step: int, j: Judged, slots: Array, zero: Array) -> list[Anomaly]:
+        """No (or an all-zero) gradient for `dead_window` collections, or twice the longest
+        idle run the layer came back from. A zero gradient from the first collection on
+        is structural, never dead."""
+        flags, idle_run, longest = self._flags, self._state["idle"], self._state["longest_idle"]
+        idle = zero & ~flags["structural"][slots] & ~(j.received & flags["negligible"][slots])
+        back = ~idle & (idle_run[slots] > 0)
+        longest[slots[back]] = np.maximum(longest[slots[back]], idle_run[slots[back]])
+        idle_run[slots] = np.where(idle, idle_run[slots] + 1, 0)
+        limit = np.maximum(self.config.dead_window, 2 * longest[slots])
+        # The value is the zero ratio: a dead layer's gradient is all zeros (or absent).
+        dead = np.flatnonzero(idle_run[slots] >= limit).tolist()
+        return [Anomaly(j.names[i], "dead", 1.0, step) for i in dead]
+
+    def _vanishing(
+        self, step: int, j: Judged, slots: Array, zero: Array, median_rms: float
+    ) -> list[Anomaly]:
+        cfg, run = self.config, self._state["vanishing"]
+        small = (j.rms < cfg.vanishing_rms) | (j.rms < cfg.vanishing_ratio * median_rms)
+        now = j.received & ~zero & (j.bad == 0) & ~self._flags["structural"][slots] & small
+        run[slots] = np.where(now, run[slots] + 1, 0)
+        return [
+            Anomaly(j.names[i], "vanishing", float(j.rms[i]), step)
+            for i in np.flatnonzero(run[slots] >= cfg.patience).tolist()
+        ]
 
     def _global_spike(self, step: int, global_norm: float) -> list[Anomaly]:
         """The global norm, judged like a layer (a spike is reported at every collection
         over the threshold; the baseline keeps the spike out)."""
-        found: list[Anomaly] = []
         norms = self._norms
         if global_norm <= 0 or not math.isfinite(global_norm):
-            return found
+            return []
         over = False
+        found: list[Anomaly] = []
         if len(norms) >= self.config.spike_warmup:
-            ratio, threshold = self._judge(global_norm, norms)
+            values = np.fromiter(norms, dtype=np.float64)
+            ratio = global_norm / float(np.median(values))
+            threshold = self.config.spike_factor
+            if ratio >= threshold:
+                logs = np.log(values)
+                spread = _MAD_TO_SIGMA * float(np.median(np.abs(logs - np.median(logs))))
+                threshold *= math.exp(self.config.spike_mad * spread)
             over = ratio >= threshold
             if over:
                 found.append(Anomaly(GLOBAL_LAYER, "spike", ratio, step))
@@ -212,8 +326,5 @@ class HealthRules:
         return found
 
 
-def _median(values: Collection[float]) -> float:
-    """statistics.median without its overhead (this runs per layer per collection)."""
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+_COUNTS = ("seen", "over", "vanishing", "idle", "longest_idle")
+_FLAGS = ("negligible", "structural")

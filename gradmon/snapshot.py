@@ -184,7 +184,9 @@ class LayerTable(Mapping[str, LayerStats]):
     __slots__ = ("_built", "_cols", "_position", "names")
 
     def __init__(self, names: Sequence[str], cols: Mapping[str, np.ndarray[Any, Any]]) -> None:
-        self.names = list(names)
+        # Kept, not copied (never mutated): the agent hands the same list every collection,
+        # which lets the health rules reuse their lookup of it.
+        self.names = names if isinstance(names, list) else list(names)
         self._cols = dict(cols)
         self._position = {n: i for i, n in enumerate(self.names)}
         self._built: dict[str, LayerStats] = {}
