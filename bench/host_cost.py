@@ -35,7 +35,13 @@ import gradmon
 
 
 def chain(n: int) -> nn.Module:
-    return nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(n)])
+    """Near-identity weights, so gradients neither vanish nor explode down a deep chain
+    (the statistics then see real values, as they would in a trained model)."""
+    layers = [nn.Linear(16, 16, bias=False) for _ in range(n)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(torch.eye(16) + 0.01 * torch.randn(16, 16))
+    return nn.Sequential(*layers)
 
 
 def arms(

@@ -227,17 +227,24 @@ class HealthRules:
             & ~flags["structural"][slots]
             & (self._state["seen"][slots] >= cfg.patience)
         )
-        for i in np.flatnonzero(new).tolist():
-            flags["structural"][slots[i]] = True
-            log.warning(
-                "gradmon: %s has had a negligible gradient (rms %.3g, the median layer's "
-                "%.3g) since its first collection: structurally zero, e.g. a bias in front "
-                "of BatchNorm. Reported once, not as vanishing or dead; consider "
-                "bias=False or excluding it (collect.exclude)",
-                j.names[i],
-                j.rms[i],
-                median_rms,
-            )
+        found = np.flatnonzero(new).tolist()
+        if not found:
+            return
+        flags["structural"][slots[found]] = True
+        # One warning per collection, however many layers it finds (a deep model can hold
+        # thousands): the count, the first names, and their rms against the median.
+        shown = ", ".join(f"{j.names[i]} (rms {j.rms[i]:.3g})" for i in found[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        log.warning(
+            "gradmon: %d layer(s) have had a negligible gradient since their first "
+            "collection (the median layer's rms is %.3g): %s%s. Structurally zero, e.g. a "
+            "bias in front of BatchNorm: reported once, not as vanishing or dead; consider "
+            "bias=False or excluding them (collect.exclude)",
+            len(found),
+            median_rms,
+            shown,
+            more,
+        )
 
     def _jumps(self, step: int, j: Judged, slots: Array) -> list[Anomaly]:
         """Each finite layer's norm against its own baseline; a norm over the threshold

@@ -102,8 +102,21 @@ def test_structurally_zero_is_said_once(caplog: pytest.LogCaptureFixture) -> Non
     for step in range(20):
         assert rules.evaluate(step, layers, 1.0) == []
     assert rules.structurally_zero() == ("conv.bias", "zeros")
-    warned = [r.getMessage() for r in caplog.records if "structurally zero" in r.getMessage()]
-    assert len(warned) == 2 and "conv.bias" in warned[0]
+    warned = [r.getMessage() for r in caplog.records if "Structurally zero" in r.getMessage()]
+    # One warning for the collection that found both, naming them.
+    assert len(warned) == 1 and "2 layer(s)" in warned[0]
+    assert "conv.bias" in warned[0] and "zeros" in warned[0]
+
+
+def test_many_structurally_zero_layers_are_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    rules = HealthRules(HealthConfig(patience=2))
+    layers = {f"bias{i}": layer(0.0, zero_ratio=1.0) for i in range(1000)}
+    layers |= {"w": layer(1e-2)}
+    for step in range(5):
+        rules.evaluate(step, layers, 1.0)
+    assert len(rules.structurally_zero()) == 1000
+    warned = [r.getMessage() for r in caplog.records if "Structurally zero" in r.getMessage()]
+    assert len(warned) == 1 and "and 995 more" in warned[0]
 
 
 def test_structurally_zero_leaves_the_set_when_a_gradient_arrives() -> None:
