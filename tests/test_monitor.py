@@ -82,6 +82,35 @@ def test_every_n_steps(net: SmallNet) -> None:
         assert readings.steps(mon) == 7 and readings.collections(mon) == 3
 
 
+def grad_hooks(model: nn.Module) -> int:
+    return sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+
+
+def test_gradient_hooks_only_for_the_backward_of_a_collected_step(net: SmallNet) -> None:
+    """every_n_steps: 3: autograd's per-parameter Python hook is paid in the backward of
+    collected steps only; what was collected is unchanged (the unused layer is told
+    apart from the used ones, and the statistics are those of that step's grads)."""
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = {**NO_SERVER, "collect": {"every_n_steps": 3}}
+    params = len(list(model.parameters()))
+    with gradmon.attach(model, opt, config=config) as mon:
+        seen = []
+        for step in range(7):
+            seen.append(grad_hooks(model))  # during this step's backward
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(2, 4)).sum().backward()
+            want = float(model.used.weight.grad.norm())  # type: ignore[union-attr]
+            opt.step()
+            snap = mon.snapshot()
+            assert snap is not None
+            if step % 3 == 0:
+                assert snap.layers["used.weight"].norm == pytest.approx(want, rel=1e-6)
+                assert not snap.layers["unused.weight"].received
+        assert seen == [params if s % 3 == 0 else 0 for s in range(7)]
+    assert grad_hooks(model) == 0
+
+
 class Branchy(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -75,7 +75,11 @@ class Gatherer:
         self._index = index
         self._skip = skip
         self.skipped_positions: set[int] = set()  # monitored parameters left out later
-        self._last_grad: list[tuple[int, int] | None] = [None] * len(index.param_refs)
+        # The grad each parameter had at the last collection, held weakly (a freed grad
+        # whose memory a new one reuses is still told apart, unlike by id()), and its
+        # version counter.
+        self._last_grad: list[weakref.ref[torch.Tensor] | None] = [None] * len(index.param_refs)
+        self._last_version = [0] * len(index.param_refs)
         # Plain tensors (not DTensor, not complex): their dense real grads need no view.
         params = [ref() for ref in index.param_refs]
         self._plain = [
@@ -98,7 +102,8 @@ class Gatherer:
         self._check_new_parameters()
         fresh = [False] * len(arrival)
         out = Gathered(fresh=fresh, arrival=arrival)
-        grads, weights, groups, last = out.grads, out.weights, out.groups, self._last_grad
+        grads, weights, groups = out.grads, out.weights, out.groups
+        last, version = self._last_grad, self._last_version
         plain, strided = self._plain, torch.strided
         gone = 0
         for i, ref in enumerate(self._index.param_refs):
@@ -110,10 +115,10 @@ class Gatherer:
             if g is None:
                 last[i] = None
                 continue
-            key = (id(g), g._version)
-            if not arrival[i] and key == last[i]:
+            seen = last[i]
+            if not arrival[i] and seen is not None and seen() is g and g._version == version[i]:
                 continue
-            last[i] = key
+            last[i], version[i] = weakref.ref(g), g._version
             if plain[i] and g.layout is strided and g.is_floating_point():
                 grads[i] = g
                 weights[i] = p  # read, never written: no detach needed

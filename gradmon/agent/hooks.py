@@ -200,19 +200,34 @@ class TorchHooks:
         post_step: bool,
     ) -> None:
         self._param_refs = param_refs
+        self._arrivals = arrivals
         self._handles: list[RemovableHandle] = []
         self._step_handles: list[RemovableHandle] = []
         self._key: int | None = None
         self._unwatch_scaler: Callable[[], None] | None = None
-        for index, ref in enumerate(param_refs):
-            param = ref()
-            assert param is not None  # alive: the caller holds the parameters at attach
-            hook = arrivals.hook(index)
-            self._handles.append(param.register_post_accumulate_grad_hook(hook))  # type: ignore[no-untyped-call]
+        self.watch_grads(True)
         if optimizer is not None:
             self._install_step_hooks(listener, optimizer, post_step)
         if scaler is not None:
             self._unwatch_scaler = watch_scaler(scaler, listener)
+
+    def watch_grads(self, on: bool) -> None:
+        """Install (on) or remove the gradient hooks. Autograd calls a Python hook for
+        ~1.5 us per parameter per backward, so with every_n_steps > 1 they are on only
+        for the backward of a collected step (installing costs ~3 us a parameter, once
+        per collection)."""
+        if on == bool(self._handles):
+            return
+        if not on:
+            for handle in self._handles:
+                handle.remove()  # torch tolerates removal while it runs them
+            self._handles.clear()
+            return
+        for index, ref in enumerate(self._param_refs):
+            param = ref()
+            if param is not None:
+                hook = self._arrivals.hook(index)
+                self._handles.append(param.register_post_accumulate_grad_hook(hook))  # type: ignore[no-untyped-call]
 
     def _install_step_hooks(
         self, listener: StepListener, optimizer: torch.optim.Optimizer, post_step: bool

@@ -114,6 +114,7 @@ class Monitor:
             self._hooks = TorchHooks(
                 self._pipeline, index.param_refs, arrivals, optimizer, scaler, post_step=post_step
             )
+            self._pipeline.watch_grads = self._hooks.watch_grads
             sources = Sources(run_id, counters, self._steps, index, self._features, scaler)
             self._exposure = Exposure(cfg, sources, registry)
         except BaseException:

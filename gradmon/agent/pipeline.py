@@ -63,6 +63,10 @@ class Pipeline:
         self.anomaly_callbacks: list[Callable[[list[Anomaly]], object]] = []
         self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else None
         self._waiting: Pending | None = None  # the collection awaiting its step post-hook
+        # Turns the gradient hooks on and off (hooks.TorchHooks.watch_grads), set once the
+        # hooks exist. Only under every_n_steps > 1 with an optimizer: then the steps to
+        # come are known, and the backward of a step that is not collected needs none.
+        self.watch_grads: Callable[[bool], None] | None = None
 
     # ------------------------------------------------------ the hooks' protocol
     def on_optimizer_step(self, optimizer: Any) -> None:
@@ -118,10 +122,13 @@ class Pipeline:
     def advance(self, *, stepped: bool = False) -> tuple[int, bool]:
         """Count a step: (its number, whether it is collected). Features learn whether the
         next one is collected (activation hooks compute only before those)."""
-        step, due = self.parts.steps.advance(stepped=stepped)
-        collect_next = self.parts.steps.next_is_collected()
+        steps = self.parts.steps
+        step, due = steps.advance(stepped=stepped)
+        collect_next = steps.next_is_collected()
         for feature in self.parts.features:
             feature.on_step_counted(collect_next)
+        if self.watch_grads is not None and steps.every_n > 1 and self.has_optimizer:
+            self.watch_grads(collect_next)
         return step, due
 
     def collect(
