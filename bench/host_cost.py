@@ -35,12 +35,11 @@ import gradmon
 
 
 def chain(n: int) -> nn.Module:
-    """Near-identity weights, so gradients neither vanish nor explode down a deep chain
-    (the statistics then see real values, as they would in a trained model)."""
+    """Orthogonal weights, so activations and gradients keep their size down a deep chain:
+    the statistics see finite, non-zero values, as they would in a trained model."""
     layers = [nn.Linear(16, 16, bias=False) for _ in range(n)]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.copy_(torch.eye(16) + 0.01 * torch.randn(16, 16))
+    for layer in layers:
+        nn.init.orthogonal_(layer.weight)
     return nn.Sequential(*layers)
 
 
@@ -79,7 +78,7 @@ def arms(
         print("lightning is not installed: its arm is left out", file=sys.stderr)
     for name, fn in extra.items():
         model = copy.deepcopy(base)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the same work; weights stay put
         out[name] = (model, opt, fn)
     return out
 
@@ -114,7 +113,9 @@ def measure(n: int, rounds: int, warmup: int) -> dict[str, float]:
                 if r >= warmup:
                     times[name].append(t)
         for mon in monitors:
-            assert mon.snapshot() is not None, "the agent collected nothing"
+            snap = mon.snapshot()
+            assert snap is not None, "the agent collected nothing"
+            assert not snap.nonfinite and not snap.anomalies, snap.anomalies[:3]
     finally:
         for mon in monitors:
             mon.close()

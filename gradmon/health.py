@@ -111,40 +111,46 @@ _READ = (
 
 
 class _History:
-    """Each layer's last `window` norms (NaN: not yet filled), as one [window, layers]
-    array with a write position and a count per layer."""
+    """Each layer's last `window` norms (NaN: not yet filled), one row per layer, with a
+    write position and a count per layer. Medians sort the rows (NaN sorts last), which
+    numpy does several times faster than its median over short rows."""
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.values = np.full((window, 0), np.nan)
+        self.values = np.full((0, window), np.nan)
         self.pos = np.zeros(0, dtype=np.int64)
         self.count = np.zeros(0, dtype=np.int64)
 
     def grow(self, size: int) -> None:
-        extra = size - self.values.shape[1]
+        extra = size - self.values.shape[0]
         if extra > 0:
-            self.values = np.concatenate([self.values, np.full((self.window, extra), np.nan)], 1)
+            self.values = np.concatenate([self.values, np.full((extra, self.window), np.nan)])
             self.pos = np.concatenate([self.pos, np.zeros(extra, dtype=np.int64)])
             self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
 
     def append(self, slots: Array, values: Array) -> None:
-        self.values[self.pos[slots], slots] = values
+        self.values[slots, self.pos[slots]] = values
         self.pos[slots] = (self.pos[slots] + 1) % self.window
         self.count[slots] = np.minimum(self.count[slots] + 1, self.window)
 
     def median(self, slots: Array) -> Array:
-        block = self.values[:, slots]
-        full = bool((self.count[slots] == self.window).all())
-        # Full windows (the steady state) hold no NaN: the plain median is faster.
-        median: Array = np.median(block, axis=0) if full else np.nanmedian(block, axis=0)
-        return median
+        return _row_medians(self.values[slots], self.count[slots])
 
     def spread(self, slots: Array) -> Array:
         """The robust spread (1.4826 MAD) of each layer's log-norm."""
-        logs = np.log(self.values[:, slots])
-        center = np.nanmedian(logs, axis=0)
-        spread: Array = _MAD_TO_SIGMA * np.nanmedian(np.abs(logs - center), axis=0)
+        logs = np.log(self.values[slots])
+        count = self.count[slots]
+        center = _row_medians(logs, count)
+        spread: Array = _MAD_TO_SIGMA * _row_medians(np.abs(logs - center[:, None]), count)
         return spread
+
+
+def _row_medians(rows: Array, count: Array) -> Array:
+    """The median of the first `count[i]` finite values of each row (the rest are NaN)."""
+    ordered = np.sort(rows, axis=1)
+    at = np.arange(len(rows))
+    median: Array = (ordered[at, (count - 1) // 2] + ordered[at, count // 2]) / 2
+    return median
 
 
 class HealthRules:

@@ -104,8 +104,10 @@ class PartialsCollector:
         partials, param_sq = partials_and_param_sum_squares(
             backend, grads, [gathered.weights[i] for i in indices]
         )
-        # Sparse grads: their values leave out the (implicit) zero entries.
-        implicit = dict(_implicit_zeros(indices, grads, self._numels))
+        # Sparse grads: their values leave out the (implicit) zero entries. Only a grad
+        # that needed a view can be one: dense ones are not looked at.
+        viewed = gathered.viewed
+        implicit = dict(_implicit_zeros(indices, grads, self._numels, viewed)) if viewed else {}
         if implicit:
             partials = fill_implicit_zeros(partials, implicit)
         if grad_scale is not None:
@@ -115,8 +117,8 @@ class PartialsCollector:
 
 
 def _implicit_zeros(
-    indices: list[int], grads: list[torch.Tensor], numels: list[int]
+    indices: list[int], grads: list[torch.Tensor], numels: list[int], viewed: set[int]
 ) -> Iterator[tuple[int, int]]:
     for row, (i, g) in enumerate(zip(indices, grads, strict=True)):
-        if numels[i] != g.numel():
+        if i in viewed and numels[i] != g.numel():
             yield row, numels[i] - g.numel()

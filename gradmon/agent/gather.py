@@ -51,6 +51,7 @@ class Gathered:
     grads: dict[int, torch.Tensor] = field(default_factory=dict)
     weights: dict[int, torch.Tensor] = field(default_factory=dict)
     groups: dict[GroupKey, list[int]] = field(default_factory=dict)
+    viewed: set[int] = field(default_factory=set)  # through grad_view: sparse, complex, DTensor
 
     def by_layer(self, index: LayerIndex) -> dict[str, list[torch.Tensor]]:
         """The gradients per layer name (for the sinks' histograms)."""
@@ -152,6 +153,7 @@ class Gatherer:
             return False  # skipped, with its reason: published as no gradient
         out.grads[i] = view
         out.weights[i] = real_view(local(p).detach())
+        out.viewed.add(i)
         return True
 
     def _check_new_parameters(self) -> None:
