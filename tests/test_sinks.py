@@ -289,7 +289,8 @@ def test_record_lines_match_snapshots(net: SmallNet, tmp_path: Path) -> None:
     assert len(lines) == 8
     keys = {"step", "time", "global_norm", "nonfinite", "skipped", "scalars", "layers"}
     for line, snap, loss in zip(lines, snaps, losses, strict=True):
-        assert set(line) == keys | {"anomalies"}
+        origin = {"nonfinite_origin"} if snap.nonfinite else set()
+        assert set(line) == keys | {"anomalies"} | origin
         assert line["step"] == snap.step and line["time"] == snap.timestamp
         assert line["global_norm"] == snap.global_norm
         assert line["nonfinite"] is snap.nonfinite and line["skipped"] is False
@@ -307,6 +308,7 @@ def test_record_lines_match_snapshots(net: SmallNet, tmp_path: Path) -> None:
         ]
     bad = lines[3]["layers"]["fc2.weight"]
     assert (bad["nan_count"], bad["inf_count"]) == (2, 1)
+    assert lines[3]["nonfinite_origin"] == "fc2.weight"  # the only layer it was put into
     assert any(a["kind"] == "nonfinite" for a in lines[3]["anomalies"])
     assert read_record(path) == lines
 

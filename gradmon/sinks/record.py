@@ -25,6 +25,8 @@ in the same file) or written to a fresh file (`overwrite`):
   module ran): gradmon.ActivationStats of each module's forward output over the forwards
   before the step (`numel` adds up over them). Lines without it (older records, or
   activations off) simply have no activation statistics; readers use `.get`.
+- `nonfinite_origin` (only on lines whose gradients held NaN/Inf): where it started, as
+  `Snapshot.nonfinite_origin` (a layer, or a module with `collect.activations`).
 - Non-finite numbers (NaN, +-Inf) are written as JSON `null`; for layers, `nan_count`
   and `inf_count` say which. `min`/`max` are null when a layer has no finite entry.
 - Lines are in publication order; a resumed run may repeat steps (readers keep the last).
@@ -124,6 +126,8 @@ def snapshot_record(snapshot: Snapshot, scalars: Mapping[str, Any]) -> dict[str,
     }
     if snapshot.activations:
         record["activations"] = {n: _activation_record(a) for n, a in snapshot.activations.items()}
+    if snapshot.nonfinite_origin is not None:
+        record["nonfinite_origin"] = snapshot.nonfinite_origin
     return record
 
 
