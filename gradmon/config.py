@@ -189,7 +189,24 @@ class HealthConfig(_Section):
         return self
 
 
-class TensorboardConfig(_Section):
+class _SinkSection(_Section):
+    """What every sink's storage thread takes (gradmon/sinks/writer.py)."""
+
+    stall_after: float = Field(
+        5.0,
+        gt=0,
+        description="a storage call (open, write, flush) running longer than this counts "
+        "as an agent error, again every 0.5 s while it hangs",
+    )
+    close_timeout: float = Field(
+        5.0,
+        ge=0,
+        description="Monitor.close() waits at most this long for queued snapshots; past it "
+        "the sink's thread is left behind (counted, logged with the path)",
+    )
+
+
+class TensorboardConfig(_SinkSection):
     """TensorBoard event files (gradmon/sinks/tensorboard.py; gradmon[tensorboard] extra)."""
 
     logdir: str | None = Field(
@@ -209,21 +226,9 @@ class TensorboardConfig(_Section):
     writer: Literal["auto", "torch", "tensorboardX"] = Field(
         "auto", description="auto: torch.utils.tensorboard, else tensorboardX"
     )
-    stall_after: float = Field(
-        5.0,
-        gt=0,
-        description="a storage call (open, write, flush) running longer than this counts "
-        "as an agent error, again every 0.5 s while it hangs",
-    )
-    close_timeout: float = Field(
-        5.0,
-        ge=0,
-        description="Monitor.close() waits at most this long for queued snapshots; past it "
-        "the sink's thread is left behind (counted, logged with the path)",
-    )
 
 
-class RecordConfig(_Section):
+class RecordConfig(_SinkSection):
     """The JSONL record file read by `gradmon plot` (gradmon/sinks/record.py)."""
 
     path: str | None = Field(
@@ -240,18 +245,6 @@ class RecordConfig(_Section):
     )
     fsync: bool = Field(
         True, description="fsync after each batch of lines (NFS reports write errors there)"
-    )
-    stall_after: float = Field(
-        5.0,
-        gt=0,
-        description="a storage call (open, write, flush) running longer than this counts "
-        "as an agent error, again every 0.5 s while it hangs",
-    )
-    close_timeout: float = Field(
-        5.0,
-        ge=0,
-        description="Monitor.close() waits at most this long for queued snapshots; past it "
-        "the sink's thread is left behind (counted, logged with the path)",
     )
 
 

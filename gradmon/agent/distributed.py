@@ -21,7 +21,15 @@ from torch import nn
 
 from gradmon.errors import GradmonError
 
-__all__ = ["is_dtensor", "is_sharded", "local_rank", "local_tensor", "metrics_port", "rank_label"]
+__all__ = [
+    "is_dtensor",
+    "is_sharded",
+    "local_rank",
+    "local_tensor",
+    "metrics_port",
+    "process_rank",
+    "rank_label",
+]
 
 
 def rank_label() -> int | None:
@@ -30,6 +38,19 @@ def rank_label() -> int | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return int(dist.get_rank())
     return None
+
+
+def process_rank() -> int:
+    """This process's rank for naming its files: that of an initialised group, else
+    $RANK (set by launchers before the group exists), else 0. The `rank` label is
+    rank_label(): only under several ranks."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def local_rank() -> int:

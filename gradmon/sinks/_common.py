@@ -1,29 +1,75 @@
-"""What the sinks share besides their storage thread (writer.py): `{rank}` paths, numbers."""
+"""What the sinks share: a storage thread of their own (writer.py) behind QueuedSink,
+`{rank}` paths, numbers."""
 
 from __future__ import annotations
 
+import atexit
 import math
-import os
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+from gradmon.agent.distributed import process_rank
+from gradmon.sinks.writer import ErrorFn, Storage, StorageWriter
 
-def current_rank() -> int:
-    """This process's rank: torch.distributed when initialized, else $RANK, else 0."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank())
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+T = TypeVar("T")
+
+
+class QueueSettings(Protocol):
+    max_queue: int
+    stall_after: float
+    close_timeout: float
+
+
+class QueuedSink(Generic[T]):
+    """A sink's storage thread (a StorageWriter), its counts, and its close: once, bounded
+    by close_timeout, and also at exit (the thread is a daemon: a script that never closes
+    its Monitor still gets what is queued written)."""
+
+    def __init__(
+        self,
+        kind: str,
+        where: str,
+        storage: Storage[T],
+        config: QueueSettings,
+        on_error: ErrorFn | None,
+    ) -> None:
+        self._writer: StorageWriter[T] = StorageWriter(
+            kind,
+            where,
+            storage,
+            max_queue=config.max_queue,
+            on_error=on_error,
+            stall_after=config.stall_after,
+            close_timeout=config.close_timeout,
+        )
+        self._closed = False
+        atexit.register(self.close)
+
+    @property
+    def lost(self) -> int:
+        """Snapshots that did not reach the storage (storage errors, full queue, close)."""
+        return self._writer.lost
+
+    @property
+    def written(self) -> int:
+        """Snapshots the storage accepted."""
+        return self._writer.written
+
+    def close(self) -> None:
+        """Write what is queued and close the storage, waiting at most close_timeout
+        seconds. Idempotent; also runs at exit."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        self._writer.close()
 
 
 def expand_path(template: str, field: str) -> str:
     """`{rank}` in a configured path -> this process's rank (one file per rank)."""
     try:
-        return template.format(rank=current_rank())
+        return template.format(rank=process_rank())
     except (KeyError, IndexError, ValueError) as exc:
         from gradmon.errors import GradmonError
 

@@ -52,7 +52,6 @@ by a killed writer is cut off before appending (readers skip one with a warning)
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import json
@@ -67,8 +66,8 @@ import torch
 
 from gradmon.config import RecordConfig
 from gradmon.errors import GradmonError
-from gradmon.sinks._common import expand_path, finite_or_none, to_float
-from gradmon.sinks.writer import ErrorFn, StorageWriter
+from gradmon.sinks._common import QueuedSink, expand_path, finite_or_none, to_float
+from gradmon.sinks.writer import ErrorFn
 from gradmon.snapshot import ActivationStats, LayerStats, Snapshot
 
 __all__ = ["RecordSink", "read_record", "snapshot_record"]
@@ -111,7 +110,7 @@ def _activation_record(a: ActivationStats) -> dict[str, Any]:
 
 def snapshot_record(snapshot: Snapshot, scalars: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON object of one record line (tensor scalars are read here: may sync)."""
-    record = {
+    record: dict[str, Any] = {
         "step": snapshot.step,
         "time": snapshot.timestamp,
         "global_norm": finite_or_none(snapshot.global_norm),
@@ -250,7 +249,7 @@ def _cut_torn_tail(fd: int, size: int, path: Path) -> int:
     return end
 
 
-class RecordSink:
+class RecordSink(QueuedSink[tuple[Snapshot, dict[str, Any]]]):
     """Appends one JSON line per published snapshot to `record.path`.
 
     Nothing touches the storage on the caller's thread: the file is made, opened, written
@@ -265,29 +264,8 @@ class RecordSink:
         self.path = Path(expand_path(config.path, "record.path"))
         self._every = config.every
         self._published = 0
-        self._writer: StorageWriter[tuple[Snapshot, dict[str, Any]]] = StorageWriter(
-            "record",
-            str(self.path),
-            _RecordFile(self.path, config.mode, config.fsync),
-            max_queue=config.max_queue,
-            on_error=on_error,
-            stall_after=config.stall_after,
-            close_timeout=config.close_timeout,
-        )
-        self._closed = False
-        # The writer thread is a daemon: a script that never closes its Monitor still gets
-        # the queued lines written at exit (within close_timeout).
-        atexit.register(self.close)
-
-    @property
-    def lost(self) -> int:
-        """Snapshots that did not reach the file (storage errors, full queue, close)."""
-        return self._writer.lost
-
-    @property
-    def written(self) -> int:
-        """Lines the storage accepted."""
-        return self._writer.written
+        storage = _RecordFile(self.path, config.mode, config.fsync)
+        super().__init__("record", str(self.path), storage, config, on_error)
 
     def on_collect(self, step: int, grads: Mapping[str, list[torch.Tensor]]) -> None:
         pass
@@ -297,15 +275,6 @@ class RecordSink:
         if count % self._every and not (snapshot.anomalies or snapshot.skipped):
             return
         self._writer.submit((snapshot, dict(scalars)))
-
-    def close(self) -> None:
-        """Write what is queued and close the file, waiting at most record.close_timeout
-        seconds. Idempotent; also runs at exit."""
-        if self._closed:
-            return
-        self._closed = True
-        atexit.unregister(self.close)
-        self._writer.close()
 
 
 def read_record(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -49,7 +49,6 @@ gradmon/sinks/tensorboard_histograms.py.
 
 from __future__ import annotations
 
-import atexit
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -57,7 +56,7 @@ from typing import Any
 import torch
 
 from gradmon.config import TensorboardConfig
-from gradmon.sinks._common import expand_path
+from gradmon.sinks._common import QueuedSink, expand_path
 from gradmon.sinks.tensorboard_events import (
     EventFiles,
     StepEvents,
@@ -73,7 +72,7 @@ from gradmon.sinks.tensorboard_histograms import (
     device_histograms,
     histogram_row,
 )
-from gradmon.sinks.writer import ErrorFn, StorageWriter
+from gradmon.sinks.writer import ErrorFn
 from gradmon.snapshot import Snapshot
 
 # The histogram and event-file helpers are importable from here too, with the sink.
@@ -90,7 +89,7 @@ __all__ = [
 _MAX_PENDING_HISTOGRAMS = 8
 
 
-class TensorBoardSink:
+class TensorBoardSink(QueuedSink[StepEvents]):
     """Writes snapshots as TensorBoard scalars, text and histograms (see module doc).
 
     Nothing touches the storage on the caller's thread: the SummaryWriter is made (mkdir,
@@ -114,29 +113,8 @@ class TensorBoardSink:
         # on_publish may run on a thread calling Monitor.snapshot() while the training
         # thread is in on_collect.
         self._lock = threading.Lock()
-        self._thread: StorageWriter[StepEvents] = StorageWriter(
-            "tensorboard",
-            self.logdir,
-            EventFiles(self.logdir, config, custom_scalars_layout(activations)),
-            max_queue=config.max_queue,
-            on_error=on_error,
-            stall_after=config.stall_after,
-            close_timeout=config.close_timeout,
-        )
-        self._closed = False
-        # The writer thread is a daemon: a script that never closes its Monitor still gets
-        # the queued snapshots written at exit (within close_timeout).
-        atexit.register(self.close)
-
-    @property
-    def lost(self) -> int:
-        """Snapshots that did not reach the event files (storage errors, full queue, close)."""
-        return self._thread.lost
-
-    @property
-    def written(self) -> int:
-        """Snapshots the event writer accepted."""
-        return self._thread.written
+        files = EventFiles(self.logdir, config, custom_scalars_layout(activations))
+        super().__init__("tensorboard", self.logdir, files, config, on_error)
 
     # ------------------------------------------------------------ training thread
     def on_collect(self, step: int, grads: Mapping[str, list[torch.Tensor]]) -> None:
@@ -162,13 +140,4 @@ class TensorBoardSink:
                     break
             else:
                 del self._histograms[:-_MAX_PENDING_HISTOGRAMS]  # bounded, whatever happens
-        self._thread.submit(StepEvents(snapshot, dict(scalars), ready))
-
-    def close(self) -> None:
-        """Write what is queued and close the event file, waiting at most
-        tensorboard.close_timeout seconds. Idempotent; also runs at exit."""
-        if self._closed:
-            return
-        self._closed = True
-        atexit.unregister(self.close)
-        self._thread.close()
+        self._writer.submit(StepEvents(snapshot, dict(scalars), ready))
