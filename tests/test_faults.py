@@ -294,7 +294,7 @@ def test_export_fault_in_a_value_serves_the_rest(
     def broken(value: object) -> float:
         raise RuntimeError("injected scalar read fault")
 
-    monkeypatch.setattr(exposure, "scalar_value", broken)
+    monkeypatch.setattr(exposure, "to_float", broken)
     mon, got = train_monitored(model, SERVED)
     with mon:
         mon.log(loss=torch.tensor(got[-1]))

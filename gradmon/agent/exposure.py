@@ -21,8 +21,9 @@ from gradmon.agent.features import Feature
 from gradmon.agent.layers import LayerIndex
 from gradmon.agent.steps import Steps
 from gradmon.config import Config
-from gradmon.export.collector import ExportState, GradmonCollector, RankLabelled, scalar_value
+from gradmon.export.collector import ExportState, GradmonCollector, RankLabelled
 from gradmon.export.server import MetricsServer
+from gradmon.stats.torch import to_float
 from gradmon.version import __version__
 
 __all__ = ["Exposure", "Sources"]
@@ -96,7 +97,7 @@ class Exposure:
         # that read waits for the GPU on this thread only, never on the training thread.
         with src.counters.guard("export"):
             scalars = src.counters.current_scalars()
-            state.scalars = {k: scalar_value(v) for k, v in scalars.items()}
+            state.scalars = {k: to_float(v) for k, v in scalars.items()}
             if src.scaler is not None:
                 state.loss_scale = float(src.scaler.get_scale())
         return state

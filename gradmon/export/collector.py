@@ -34,7 +34,6 @@ __all__ = [
     "GradmonCollector",
     "Histogram",
     "RankLabelled",
-    "scalar_value",
 ]
 
 
@@ -339,9 +338,3 @@ class RankLabelled(Collector):
                     s.name, {**s.labels, schema.RANK: str(rank)}, s.value, s.timestamp, s.exemplar
                 )
             yield out
-
-
-def scalar_value(value: object) -> float:
-    """A float from a Python number or a one-element tensor (read on the scrape thread)."""
-    item = getattr(value, "item", None)
-    return float(item() if callable(item) else value)  # type: ignore[arg-type]

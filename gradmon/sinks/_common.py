@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import atexit
 import math
-from typing import Any, Generic, Protocol, TypeVar
-
-import torch
+from typing import Generic, Protocol, TypeVar
 
 from gradmon.agent.distributed import process_rank
 from gradmon.sinks.writer import ErrorFn, Storage, StorageWriter
@@ -76,14 +74,6 @@ def expand_path(template: str, field: str) -> str:
         raise GradmonError(
             f"{field}={template!r}: only the placeholder {{rank}} is allowed ({exc!r})"
         ) from None
-
-
-def to_float(value: Any) -> float:
-    """A float from a Python number or a one-element tensor. On a GPU tensor this syncs:
-    call it on a writer thread, never on the training thread."""
-    if isinstance(value, torch.Tensor):
-        return float(value.detach().reshape(()).item())  # sync-ok: writer thread only
-    return float(value)
 
 
 def finite_or_none(value: float) -> float | None:

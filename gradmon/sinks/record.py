@@ -66,9 +66,10 @@ import torch
 
 from gradmon.config import RecordConfig
 from gradmon.errors import GradmonError
-from gradmon.sinks._common import QueuedSink, expand_path, finite_or_none, to_float
+from gradmon.sinks._common import QueuedSink, expand_path, finite_or_none
 from gradmon.sinks.writer import ErrorFn
 from gradmon.snapshot import ActivationStats, LayerStats, Snapshot
+from gradmon.stats.torch import to_float
 
 __all__ = ["RecordSink", "read_record", "snapshot_record"]
 

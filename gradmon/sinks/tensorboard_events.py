@@ -17,9 +17,9 @@ from typing import Any
 
 from gradmon.config import TensorboardConfig
 from gradmon.errors import GradmonError
-from gradmon.sinks._common import to_float
 from gradmon.sinks.tensorboard_histograms import Histograms, histogram_args
 from gradmon.snapshot import ANOMALY_KINDS, Snapshot
+from gradmon.stats.torch import to_float
 
 __all__ = [
     "ACTIVATION_TAGS",

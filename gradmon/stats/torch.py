@@ -102,3 +102,11 @@ def first_float_tensor(output: Any) -> torch.Tensor | None:
         ):
             return t
     return None
+
+
+def to_float(value: Any) -> float:
+    """A float from a Python number or a one-element tensor. On a GPU tensor this syncs:
+    call it on a writer or scrape thread, never on the training thread."""
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().reshape(()).item())  # sync-ok: writer thread only
+    return float(value)
