@@ -138,7 +138,7 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = 30  # seconds a connection may idle; a stuck client frees its thread
+    timeout: float = 30.0  # seconds a connection may idle; a stuck client frees its thread
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not worth a log line each."""
@@ -283,6 +283,7 @@ class MetricsServer:
         registry: CollectorRegistry,
         on_error: Callable[[BaseException], None] | None = None,
         render: Callable[[str], tuple[bytes, str]] | None = None,
+        client_timeout: float = 30.0,  # seconds a connection may idle before it is dropped
     ) -> None:
         app: WSGIApp = make_wsgi_app(registry)
         if render is not None:
@@ -304,6 +305,9 @@ class MetricsServer:
         class Server(_ThreadingServer):
             pass
 
+        class Handler(_QuietHandler):
+            timeout = client_timeout
+
         Server.connection_errors = connection_errors
 
         try:
@@ -311,7 +315,7 @@ class MetricsServer:
                 config.addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
             Server.address_family = infos[0][0]
-            httpd = make_server(str(infos[0][4][0]), port, app, Server, handler_class=_QuietHandler)
+            httpd = make_server(str(infos[0][4][0]), port, app, Server, handler_class=Handler)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise GradmonError(
