@@ -138,7 +138,7 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout: float = 30.0  # seconds a connection may idle; a stuck client frees its thread
+    timeout = 30  # seconds a connection may idle; a stuck client frees its thread
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not worth a log line each."""
@@ -306,7 +306,9 @@ class MetricsServer:
             pass
 
         class Handler(_QuietHandler):
-            timeout = client_timeout
+            pass
+
+        Handler.timeout = client_timeout  # type: ignore[assignment]  (socketserver takes a float)
 
         Server.connection_errors = connection_errors
 

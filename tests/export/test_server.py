@@ -299,7 +299,7 @@ def test_a_client_reset_mid_request_is_counted(
 
 
 def test_a_silent_client_is_counted_as_a_timeout(
-    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    registry: CollectorRegistry, capfd: pytest.CaptureFixture[str]
 ) -> None:
     import socket
 
