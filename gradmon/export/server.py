@@ -308,7 +308,8 @@ class MetricsServer:
         class Handler(_QuietHandler):
             pass
 
-        Handler.timeout = client_timeout  # type: ignore[assignment]  (socketserver takes a float)
+        # socketserver takes any number of seconds; its stub says int.
+        Handler.timeout = client_timeout  # type: ignore[assignment]
 
         Server.connection_errors = connection_errors
 
