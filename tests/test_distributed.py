@@ -229,7 +229,12 @@ def _layouts(me: Rank, base_port: int, master_port: int) -> None:
         "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=90)
     )
     ddp = DDP(model)
-    me.run("ddp", {"parameter": mon}, lambda x: _sgd_step(ddp, opt)(_rows(x, rank, WORLD)))
+    monitors = {
+        "parameter": mon,
+        # attached to the wrapper: its process group tells the replicas, group rank 0 exports
+        "wrapped": gradmon.attach(ddp, opt, config=_ephemeral()),
+    }
+    me.run("ddp", monitors, lambda x: _sgd_step(ddp, opt)(_rows(x, rank, WORLD)))
 
     # ---- FSDP2 over 4 ranks (head.weight [1, 8]: one row, so 3 ranks hold empty shards)
     model = seeded_net()
@@ -391,18 +396,22 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ every layout
-CASES = [(layout, "parameter") for layout in LAYOUTS] + [("tp", "module")]
+# (layout, monitor, its collect.granularity)
+CASES = [(layout, "parameter", "parameter") for layout in LAYOUTS] + [
+    ("ddp", "wrapped", "parameter"),
+    ("tp", "module", "module"),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("layout", "granularity"), CASES)
+@pytest.mark.parametrize(("layout", "monitor", "granularity"), CASES)
 def test_layout_sums_over_ranks_to_the_unsharded_truth(
-    ranks: list[dict[str, Any]], layout: str, granularity: str
+    ranks: list[dict[str, Any]], layout: str, monitor: str, granularity: str
 ) -> None:
     want_steps = reference_grads(granularity)
     got_steps = ranks[0][layout]["steps"]
     for step, want in enumerate(want_steps):
-        got = combine(got_steps[step]["scrapes"][granularity])
+        got = combine(got_steps[step]["scrapes"][monitor])
         assert set(got["layers"]) == set(want), (step, "every layer of every stage")
         for name, w in want.items():
             g = got["layers"][name]
@@ -430,6 +439,8 @@ def test_each_distinct_shard_is_exported_by_one_rank(ranks: list[dict[str, Any]]
     # DDP: replicas, one rank in all (the first to register with the store).
     ddp = exporters(ranks, "ddp")
     assert len({tuple(r) for r in ddp.values()}) == 1 and all(len(r) == 1 for r in ddp.values())
+    # ... and rank 0 when attach() is given the DDP wrapper, whose group tells the replicas.
+    assert all(r == [0] for r in exporters(ranks, "ddp", "wrapped").values())
     # FSDP2 over 4: every rank its shard; head.weight (1 row) and head.bias have one
     # non-empty shard, on rank 0; empty shards are exported by nobody.
     fsdp = exporters(ranks, "fsdp2")
