@@ -116,3 +116,36 @@ def test_compiled_model_layer_names_are_the_models() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with gradmon.attach(compiled, opt, config=NO_SERVER) as mon:
         assert mon.layer_names == [n for n, _ in model.named_parameters()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_with_dtensor_parameters(backend: str) -> None:
+    """FSDP2 parameters are DTensors: the step hook's custom op takes their local shards
+    (DTensor has no sharding rule for an op of gradmon's own)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dynamo.reset()
+        model = SmallNet()
+        fully_shard(model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        step = torch.compile(opt.step, backend=backend)
+        with gradmon.attach(model, opt, config=NO_SERVER) as mon:
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(8, 8)).pow(2).mean().backward()
+                want = {
+                    n: reference.tensor_partials(p.grad.to_local())  # type: ignore[union-attr]
+                    for n, p in model.named_parameters()
+                }
+                step()
+                snap = mon.snapshot()
+                assert snap is not None
+                for name, row in want.items():
+                    assert snap.layers[name].sum_squares == pytest.approx(row[Col.SUM_SQ])
+            assert readings.collections(mon) == 2
+            assert readings.errors(mon) == dict.fromkeys(readings.STAGES, 0)
+    finally:
+        dist.destroy_process_group()

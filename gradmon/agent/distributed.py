@@ -21,7 +21,7 @@ from torch import nn
 
 from gradmon.errors import GradmonError
 
-__all__ = ["is_dtensor", "local_rank", "local_tensor", "metrics_port", "rank_label"]
+__all__ = ["dtensor_type", "is_dtensor", "local_rank", "local_tensor", "metrics_port", "rank_label"]
 
 
 def rank_label() -> int | None:
@@ -65,7 +65,8 @@ def metrics_port(base: int) -> int:
     return port
 
 
-def _dtensor_type() -> type | None:
+def dtensor_type() -> type | None:
+    """The DTensor class, or None when torch.distributed.tensor was never imported."""
     # No import: if torch.distributed.tensor was never imported, no DTensor exists.
     module = sys.modules.get("torch.distributed.tensor")
     cls = getattr(module, "DTensor", None)
@@ -76,7 +77,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of `t`: a DTensor's local shard (may hold no element), else `t`."""
     if type(t) is torch.Tensor or type(t) is nn.Parameter:  # the common case, no lookups
         return t
-    cls = _dtensor_type()
+    cls = dtensor_type()
     if cls is not None and isinstance(t, cls):
         local: torch.Tensor = t.to_local()  # type: ignore[attr-defined]
         return local
@@ -84,5 +85,5 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    cls = _dtensor_type()
+    cls = dtensor_type()
     return cls is not None and isinstance(t, cls)

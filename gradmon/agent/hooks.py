@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from gradmon.agent import distributed
+
 __all__ = ["GradArrivals", "StepListener", "TorchHooks", "watch_scaler"]
 
 
@@ -115,8 +117,14 @@ def _compiled_step_hook() -> Callable[[int, bool, list[torch.Tensor]], None]:
     return hook
 
 
-def _params_of(optimizer: Any) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
+def _params_of(optimizer: Any, dtensor: type | None) -> list[torch.Tensor]:
+    """The optimizer's parameters as the custom op takes them: plain tensors, a DTensor's
+    local shard (an op of gradmon's own has no sharding rule). `dtensor`: the DTensor
+    class, looked up outside the traced code (None: no DTensor exists)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if dtensor is None:
+        return params
+    return [p.to_local() if isinstance(p, dtensor) else p for p in params]
 
 
 _OPTIMIZER_FILE = os.path.join("torch", "optim", "optimizer.py")
@@ -224,12 +232,13 @@ class TorchHooks:
         key = self._key = next(_keys)
         _LISTENERS[key] = me
         compiled = _compiled_step_hook()
+        dtensor = distributed.dtensor_type()  # not looked up inside traced code
 
         def on_step(opt: Any, _args: Any, _kwargs: Any) -> None:
             if torch.compiler.is_compiling():
                 # Traced by dynamo (a compiled optimizer step): an opaque call that runs
                 # the eager branch's work at runtime, with no graph break.
-                compiled(key, False, _params_of(opt))
+                compiled(key, False, _params_of(opt, dtensor))
                 return
             target = me()
             if target is not None and not target.closed:
@@ -241,7 +250,7 @@ class TorchHooks:
 
         def on_step_post(opt: Any, _args: Any, _kwargs: Any) -> None:
             if torch.compiler.is_compiling():
-                compiled(key, True, _params_of(opt))  # as on_step: an opaque call
+                compiled(key, True, _params_of(opt, dtensor))  # as on_step: an opaque call
                 return
             target = me()
             if target is not None and not target.closed:
