@@ -124,7 +124,7 @@ def _params_of(optimizer: Any, dtensor: type | None) -> list[torch.Tensor]:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if dtensor is None:
         return params
-    return [p.to_local() if isinstance(p, dtensor) else p for p in params]
+    return [p.to_local() if isinstance(p, dtensor) else p for p in params]  # type: ignore[attr-defined]
 
 
 _OPTIMIZER_FILE = os.path.join("torch", "optim", "optimizer.py")
