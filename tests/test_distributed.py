@@ -45,7 +45,7 @@ ROWS = 2  # rows of the global batch per data-parallel rank (of 4)
 LR = 0.1
 TIMEOUT = 240.0  # seconds for the whole multi-process run
 ROOT = Path(__file__).resolve().parent.parent
-LAYOUTS = ("ddp", "fsdp2", "hsdp", "tp", "fsdp_tp", "pipeline")
+LAYOUTS = ("ddp", "fsdp2", "hsdp", "tp", "fsdp_tp", "pipeline", "pipeline_tp")
 KEPT = (
     "gradmon_grad_sum_squares",
     "gradmon_grad_abs_max",
@@ -302,6 +302,34 @@ def _layouts(me: Rank, base_port: int, master_port: int) -> None:
 
     me.run("pipeline", {"parameter": mon}, pipeline_step)
 
+    # ---- pipeline x tensor parallel on a 2x2 (pp, tp) mesh: stage 0 (ranks 0, 1) shards
+    # up/down over tp, stage 1 (ranks 2, 3) runs norm/head replicated on both. No DTensor
+    # spans pp, so the store claim tells the stages (different parameters) from replicas.
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    part = stage_net(stage)
+    if stage == 0:
+        parallelize_module(part, mesh["tp"], tp_plan)
+    opt = torch.optim.SGD(part.parameters(), lr=LR)
+    mon = gradmon.attach(part, opt, config=_ephemeral())
+
+    def pipeline_tp_step(x: torch.Tensor) -> None:
+        opt.zero_grad()
+        if stage == 0:  # every tp rank the whole batch; the stage's output is replicated
+            h = part(x)
+            dist.send(h.detach(), rank + 2)
+            grad = torch.empty_like(h)
+            dist.recv(grad, rank + 2)
+            h.backward(grad)
+        else:
+            h = torch.empty(x.shape[0], 8)
+            dist.recv(h, rank - 2)
+            h.requires_grad_(True)
+            loss_of(part(h)).backward()
+            dist.send(h.grad, rank - 2)  # type: ignore[arg-type]
+        opt.step()
+
+    me.run("pipeline_tp", {"parameter": mon}, pipeline_tp_step)
+
 
 def _worker(rank: int, master_port: int, base_port: int, out_dir: str) -> None:
     os.environ.update(
@@ -461,6 +489,12 @@ def test_each_distinct_shard_is_exported_by_one_rank(ranks: list[dict[str, Any]]
     assert {len(r) for r in pipe.values()} == {1}
     assert {r[0] // 2 for n, r in pipe.items() if n.startswith(("up", "down"))} == {0}
     assert {r[0] // 2 for n, r in pipe.items() if n.startswith(("norm", "head"))} == {1}
+    # Pipeline x TP: stage 0's shards from both its tp ranks, its replicated bias from tp
+    # coordinate 0; stage 1's replicated layers from one of ranks 2 and 3.
+    pipe_tp = exporters(ranks, "pipeline_tp")
+    assert pipe_tp["up.weight"] == pipe_tp["down.weight"] == [0, 1]
+    assert pipe_tp["down.bias"] == [0]
+    assert pipe_tp["norm.weight"] in ([2], [3]) and pipe_tp["head.bias"] in ([2], [3])
 
 
 @pytest.mark.slow

@@ -13,16 +13,19 @@ Decided per parameter, from what the parameters and the model say about the layo
   rank exports its own shard. A DTensor on a sub-mesh (FSDP's data-parallel mesh under
   FSDP+TP holds the LayerNorm that the tensor-parallel plan left alone) is a replica along
   the dimensions of the root mesh that the model's other DTensors span and its own mesh
-  does not: coordinate 0 there. Root dimensions that no parameter spans (pipeline stages
-  on a (pp, dp, tp) mesh) hold different layers: every coordinate exports its own.
+  does not: coordinate 0 there.
 - A plain tensor in a model with DTensors: replicated along every dimension they span.
 - A model handed to attach() inside DistributedDataParallel: replicated over its process
   group (group rank 0 exports).
-- A model of plain tensors only (DDP wrapped after attach, pipeline stages, each rank its
-  own stage and monitor): ranks that monitor the same parameters (names, shapes, dtypes)
-  hold replicas. The first of them to register with the default process group's store
-  exports them (one `store.add`, once, when the rank is first needed); stages hold
-  different parameters, so every stage exports its own. Without a reachable store, rank 0.
+- What no placement tells: a model of plain tensors only (DDP wrapped after attach,
+  pipeline stages, each rank its own stage and monitor), or dimensions of the root mesh
+  that no DTensor spans (pipeline stages on a (pp, dp, tp) mesh, DDP over tensor
+  parallelism). Ranks that monitor the same parameters (names, shapes, dtypes) at the
+  same coordinates of the spanned dimensions hold the same shards: the first of them to
+  claim that key in the default process group's store exports them (one `store.add`,
+  once, when the rank is first needed), the others none. Stages hold different
+  parameters, so every stage exports its own. Without a reachable store: rank 0 for a
+  plain model, every rank for a DTensor model.
 - An empty shard (FSDP2 over a parameter with fewer rows than ranks) is exported by none.
 
 Partial placements (a gradient not reduced yet) count as distinct: statistics of a partial
@@ -48,7 +51,7 @@ from gradmon.agent import distributed
 from gradmon.agent.layers import LayerIndex
 from gradmon.snapshot import LayerStats, LayerTable
 
-__all__ = ["OWNED_SUM_SQUARES", "Placement", "Shares", "shares_of_parameters"]
+__all__ = ["OWNED_SUM_SQUARES", "Layout", "Placement", "Shares", "Sums", "layout_of"]
 
 log = logging.getLogger("gradmon")
 
@@ -129,10 +132,23 @@ def _covered_dims(root: Any, mesh: Any) -> frozenset[int]:
 @dataclass
 class _Root:
     coordinate: tuple[int, ...]
+    shape: tuple[int, ...]
     spanned: set[int]  # dimensions spanned by some DTensor parameter of the model
 
 
-def _dtensor_shares(params: Sequence[torch.Tensor]) -> list[int]:
+@dataclass(frozen=True)
+class Layout:
+    """What the parameters and the model tell of this rank's shares."""
+
+    shares: list[int]  # per parameter: OWN, REPLICA or EMPTY
+    # Set when ranks may hold replicas that nothing in the model tells apart (a plain
+    # model, or root-mesh dimensions no DTensor spans: DDP over tensor parallelism, or
+    # pipeline stages): the ranks that claim the same key hold the same shards, and one
+    # of them exports. The key holds this rank's coordinates along the spanned dimensions.
+    claim: tuple[int, ...] | None
+
+
+def _dtensor_layout(params: Sequence[torch.Tensor]) -> Layout:
     """Shares of a model with DTensor parameters (see the module docstring)."""
     roots: dict[tuple[Any, ...], _Root] = {}
     placed: dict[int, tuple[tuple[Any, ...], frozenset[int]]] = {}  # param -> root, covered
@@ -145,7 +161,7 @@ def _dtensor_shares(params: Sequence[torch.Tensor]) -> list[int]:
             root = _root_mesh(mesh)
             key = (tuple(root.mesh.shape), tuple(root.mesh.flatten().tolist()))
             if key not in roots:
-                roots[key] = _Root(tuple(root.get_coordinate()), set())
+                roots[key] = _Root(tuple(root.get_coordinate()), tuple(root.mesh.shape), set())
             meshes[id(mesh)] = (key, _covered_dims(root, mesh))
         key, covered = meshes[id(mesh)]
         roots[key].spanned |= covered
@@ -169,7 +185,11 @@ def _dtensor_shares(params: Sequence[torch.Tensor]) -> list[int]:
         )
         outside = all(root.coordinate[d] == 0 for d in root.spanned - covered)
         shares.append(OWN if within and outside else REPLICA)
-    return shares
+    # Dimensions of the root mesh that no parameter spans: stages holding other layers,
+    # or replicas made by something other than DTensor (DDP over tensor parallelism).
+    unspanned = [d for d, n in enumerate(main.shape) if n > 1 and d not in main.spanned]
+    claim = tuple(main.coordinate[d] for d in sorted(main.spanned)) if unspanned else None
+    return Layout(shares, claim)
 
 
 def _ddp_group_rank(model: nn.Module) -> int | None:
@@ -180,19 +200,19 @@ def _ddp_group_rank(model: nn.Module) -> int | None:
     return int(torch.distributed.get_rank(group))
 
 
-def shares_of_parameters(params: Sequence[torch.Tensor], model: nn.Module) -> list[int] | None:
-    """Each parameter's share on this rank, when the parameters and the model tell it
-    (DTensors, a DDP wrapper); None for a model of plain tensors only."""
+def layout_of(params: Sequence[torch.Tensor], model: nn.Module) -> Layout:
+    """What the parameters (DTensors) and the model (a DDP wrapper) tell of this rank's
+    shares; the rest is settled by a claim in the process group's store."""
     ddp_rank = _ddp_group_rank(model)
     if any(distributed.is_dtensor(p) for p in params):
-        shares = _dtensor_shares(params)
-    elif ddp_rank is not None:
-        shares = [OWN] * len(params)
-    else:
-        return None
-    if ddp_rank:  # a replica of the DDP group's rank 0
-        shares = [REPLICA if s == OWN else s for s in shares]
-    return shares
+        layout = _dtensor_layout(params)
+    else:  # plain tensors: replicas, or stages, or both; the claim tells
+        layout = Layout([OWN] * len(params), ())
+    if ddp_rank is None:
+        return layout
+    # The DDP group's replicas: its rank 0 exports, and they need no claim.
+    shares = [REPLICA if ddp_rank and s == OWN else s for s in layout.shares]
+    return Layout(shares, None)
 
 
 # Monitors attached in this process over the same parameters: the n-th one of every rank
@@ -221,8 +241,9 @@ def _claim(key: str) -> bool | None:
     except Exception as exc:  # no store (a custom launcher): the caller falls back
         log.warning(
             "gradmon: cannot reach the process group's store to tell replicated ranks "
-            "apart (%r); rank 0 exports the per-layer series of plain (non-DTensor) "
-            "parameters, exact for DDP, not for pipeline stages",
+            "apart (%r); of a model of plain tensors rank 0 exports the per-layer series "
+            "(exact for DDP, not for pipeline stages), of a DTensor model every rank what "
+            "its placements say",
             exc,
         )
         return None
@@ -230,23 +251,22 @@ def _claim(key: str) -> bool | None:
 
 class Placement:
     """Built at attach: the share of every monitored parameter where the parameters tell
-    it, else the store key that settles it once this rank is known."""
+    it, and the store key that settles the rest once this rank is known."""
 
     def __init__(self, index: LayerIndex, model: nn.Module) -> None:
         self._index = index
-        params = [ref() for ref in index.param_refs]
-        live = [p for p in params if p is not None]
+        params = [p for p in (ref() for ref in index.param_refs) if p is not None]
         try:
-            self._static = shares_of_parameters(live, model)
+            self._layout = layout_of(params, model)
         except Exception as exc:  # a layout gradmon cannot read: never fail attach()
             log.warning(
                 "gradmon: cannot tell the shards of this model's parameters apart (%r); "
                 "every rank exports the per-layer series of what it holds, replicas too",
                 exc,
             )
-            self._static = [OWN] * len(live)
+            self._layout = Layout([OWN] * len(params), None)
         self._key: str | None = None
-        if self._static is None:
+        if self._layout.claim is not None:
             fp = _fingerprint(index)
             with _ATTACHED_LOCK:
                 _ATTACHED[fp] += 1
@@ -254,7 +274,8 @@ class Placement:
             # Elastic restarts keep the store: each attempt claims its own keys.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             run = os.environ.get("TORCHELASTIC_RUN_ID", "")
-            self._key = f"gradmon/placement/{run}/{attempt}/{fp}/{nth}"
+            at = ",".join(map(str, self._layout.claim))
+            self._key = f"gradmon/placement/{run}/{attempt}/{fp}/{nth}/{at}"
         self._shares: Shares | None = None
         self._lock = threading.Lock()
 
@@ -262,11 +283,11 @@ class Placement:
     def owned_parameters(self) -> list[bool] | None:
         """Per parameter, whether this rank exports its shard; given only where some layer
         mixes exported and replicated parameters (publish.py then adds the
-        OWNED_SUM_SQUARES column), else None."""
-        if self._static is None:
-            return None
-        shares = self._layer_shares(self._static)
-        return [s == OWN for s in self._static] if shares.mixed.any() else None
+        OWNED_SUM_SQUARES column), else None. (A claim decides for every parameter at
+        once, so it mixes nothing.)"""
+        static = self._layout.shares
+        shares = self._layer_shares(static)
+        return [s == OWN for s in static] if shares.mixed.any() else None
 
     def shares(self, rank: int) -> Shares:
         """This rank's shares (`rank`: its global rank in a group of several)."""
@@ -276,12 +297,14 @@ class Placement:
             return self._shares
 
     def _param_shares(self, rank: int) -> list[int]:
-        if self._static is not None:
-            return self._static
-        assert self._key is not None
+        shares = self._layout.shares
+        if self._key is None:
+            return shares
         first = _claim(self._key)
-        own = rank == 0 if first is None else first
-        return [OWN if own else REPLICA] * len(self._index.param_names)
+        if first is None:  # no store: a plain model's rank 0 speaks for all (DDP); a
+            # DTensor model's ranks each export what their placements say
+            first = rank == 0 if not self._layout.claim else True
+        return shares if first else [REPLICA if s == OWN else s for s in shares]
 
     def _layer_shares(self, params: list[int]) -> Shares:
         members = self._index.members
