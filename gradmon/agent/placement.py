@@ -82,8 +82,11 @@ class Shares:
             names = list(layers)
             sq = np.array([layers[n].sum_squares for n in names], dtype=np.float64)
             owned_col = None
-        at = np.fromiter((position[n] for n in names), dtype=np.int64, count=len(names))
-        exported, mixed = self.exported[at], self.mixed[at]
+        if len(names) == len(self.exported):  # every layer, in LayerIndex order
+            exported, mixed = self.exported, self.mixed
+        else:  # a failed group left some out
+            at = np.fromiter((position[n] for n in names), dtype=np.int64, count=len(names))
+            exported, mixed = self.exported[at], self.mixed[at]
         owned = np.where(exported, sq, 0.0)
         overrides: dict[str, float] = {}
         if owned_col is not None:
