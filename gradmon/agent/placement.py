@@ -77,7 +77,7 @@ class Shares:
         if isinstance(layers, LayerTable):
             names = layers.names
             sq = layers.column("sum_squares")
-            owned_col = layers.column(OWNED_SUM_SQUARES) if self.mixed.any() else None
+            owned_col = _column(layers, OWNED_SUM_SQUARES) if self.mixed.any() else None
         else:  # any Mapping of LayerStats (no owned column: no mixed layers allowed)
             names = list(layers)
             sq = np.array([layers[n].sum_squares for n in names], dtype=np.float64)
@@ -93,6 +93,13 @@ class Shares:
             owned = np.where(mixed, owned_col, owned)
             overrides = {names[i]: float(owned_col[i]) for i in np.flatnonzero(mixed)}
         return Sums(float(owned.sum()), overrides)
+
+
+def _column(layers: LayerTable, name: str) -> Array | None:
+    try:
+        return layers.column(name)
+    except KeyError:  # a table built without it: the layers' own sums stand
+        return None
 
 
 @dataclass(frozen=True)
