@@ -6,8 +6,11 @@ What Prometheus sees: one scrape target per rank. Rank r (LOCAL_RANK r on its ho
 serves /metrics on `--port + r`, so 127.0.0.1:9400 is rank 0 and 127.0.0.1:9401 rank 1,
 and every series carries a `rank` label. The statistics are of the all-reduced gradients,
 the same on every rank, so the per-layer families (gradmon_grad_norm{layer=...}, ...) are
-exported by rank 0 only (`exporter.per_layer_ranks: auto`); the global ones (steps,
-global norm, skipped steps, ...) by every rank, which is how a stalled rank shows up.
+exported by one rank only (`exporter.per_layer_ranks: auto`: the first to register with the
+process group's store, since the model is attached before DDP wraps it; attach the DDP
+wrapper instead to make it rank 0); the global ones (steps, global norm, skipped steps,
+the rank's share of the global sum of squares, ...) by every rank, which is how a stalled
+rank shows up.
 
 Runs on CPU with gloo (or on GPUs with nccl when CUDA is available). Rank 0 prints a
 Prometheus `scrape_configs` entry for the targets.

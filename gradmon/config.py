@@ -109,8 +109,11 @@ class ExporterConfig(_Section):
     per_layer: bool = True
     per_layer_ranks: Literal["auto", "first", "all"] = Field(
         "auto",
-        description="ranks exporting per-layer families when world size > 1: first (rank 0), "
-        "all, or auto (all when gradients are sharded, e.g. FSDP; else first)",
+        description="which ranks export the per-layer families when world size > 1: auto "
+        "(each distinct shard of a layer from exactly one rank, replicas from none, every "
+        "pipeline stage its own layers: sums over ranks are exact; see agent/placement.py), "
+        "first (rank 0 only, every layer whole: exact for replicas such as DDP), all (every "
+        "rank its own view: replicas add up more than once)",
     )
     max_layers: int = Field(512, ge=1)
     max_scrapes_per_second: float = Field(

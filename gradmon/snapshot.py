@@ -80,6 +80,11 @@ class Snapshot:
       the shard's; `sum_squares`, the counts and `numel` add up over ranks (sqrt of the
       summed `sum_squares` is the layer norm, the max of `abs_max` the layer's abs-max),
       while `norm`, `rms`, `mean` and `global_norm` are this rank's shard only.
+    - HSDP, tensor parallel, pipeline stages: likewise this rank's shards, replicas and
+      stage. The combined view of the whole model is Prometheus': each distinct shard is
+      exported by one rank (agent/placement.py), so sums over ranks of
+      gradmon_grad_sum_squares and gradmon_grad_global_sum_squares are exact (README,
+      "Parallel layouts").
     """
 
     step: int

@@ -1,9 +1,9 @@
-"""torch.compile: a compiled model and a compiled optimizer step give the eager statistics,
-and attaching the agent adds no graph break.
+"""torch.compile: a compiled model and a compiled optimizer step give the eager statistics
+(and those of the float64 reference), and attaching the agent adds no graph break.
 
-The backend is `aot_eager` (dynamo + AOTAutograd, eager kernels): it exercises everything
-that decides graph breaks and hook placement; inductor adds only code generation, and its
-C++ compile of even this tiny model takes ~40 s on the CI machines' 2 cores.
+Both `aot_eager` (dynamo + AOTAutograd, eager kernels: everything that decides graph breaks
+and hook placement) and `inductor`, the default backend, which generates code around the
+agent's step hook (an opaque custom op, see gradmon/agent/hooks.py) and once crashed on it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 
 NO_SERVER = {"exporter": {"enabled": False}}
 BACKEND = "aot_eager"
+BACKENDS = ("aot_eager", "inductor")
 STEPS = 3
 
 
@@ -35,6 +36,7 @@ def train(
     compile_model: bool,
     compile_step: bool,
     attach: bool,
+    backend: str = BACKEND,
 ) -> tuple[list[gradmon.Snapshot], dict[str, int]]:
     """STEPS training steps on fixed data; the snapshots and the graph breaks seen. Each
     snapshot is also checked against the float64 reference of the grads it was taken of."""
@@ -43,13 +45,13 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     mon = gradmon.attach(model, opt, config=NO_SERVER) if attach else None
     forward: Callable[[torch.Tensor], torch.Tensor] = (
-        torch.compile(model, backend=BACKEND) if compile_model else model
+        torch.compile(model, backend=backend) if compile_model else model
     )
 
     def step() -> None:
         opt.step()
 
-    do_step = torch.compile(step, backend=BACKEND) if compile_step else step
+    do_step = torch.compile(step, backend=backend) if compile_step else step
     data = torch.Generator().manual_seed(1)
     snaps = []
     try:
@@ -57,6 +59,8 @@ def train(
             opt.zero_grad()
             forward(torch.randn(8, 8, generator=data)).pow(2).mean().backward()
             want = {n: reference.tensor_partials(p.grad) for n, p in model.named_parameters()}
+            # The weights the step starts from: the hook runs before the step's updates.
+            weights = {n: p.detach().double().norm().item() for n, p in model.named_parameters()}
             do_step()
             if mon is not None:
                 snap = mon.snapshot()
@@ -64,6 +68,7 @@ def train(
                 for name, row in want.items():
                     assert snap.layers[name].sum_squares == pytest.approx(row[Col.SUM_SQ])
                     assert snap.layers[name].abs_max == row[Col.ABS_MAX]
+                    assert snap.layers[name].param_norm == pytest.approx(weights[name])
                 snaps.append(snap)
         if mon is not None:
             assert readings.collections(mon) == STEPS  # one collection per (compiled) step
@@ -86,21 +91,19 @@ def assert_same(got: list[gradmon.Snapshot], want: list[gradmon.Snapshot]) -> No
             assert gs.param_norm == pytest.approx(ws.param_norm, rel=1e-4), name
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("compile_model", "compile_step"), [(True, False), (False, True), (True, True)]
 )
 def test_compiled_statistics_equal_eager_and_no_graph_break_added(
-    compile_model: bool, compile_step: bool
+    compile_model: bool, compile_step: bool, backend: str
 ) -> None:
     base = SmallNet()
     eager, _ = train(copy.deepcopy(base), compile_model=False, compile_step=False, attach=True)
-    got, breaks = train(
-        copy.deepcopy(base), compile_model=compile_model, compile_step=compile_step, attach=True
-    )
+    kw = {"compile_model": compile_model, "compile_step": compile_step, "backend": backend}
+    got, breaks = train(copy.deepcopy(base), attach=True, **kw)
     assert_same(got, eager)
-    _, breaks_without = train(
-        copy.deepcopy(base), compile_model=compile_model, compile_step=compile_step, attach=False
-    )
+    _, breaks_without = train(copy.deepcopy(base), attach=False, **kw)
     # The optimizer's own graph breaks (torch.optim breaks around its no_grad region)
     # stay; the agent adds none, of any kind.
     assert breaks == breaks_without
@@ -113,3 +116,36 @@ def test_compiled_model_layer_names_are_the_models() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with gradmon.attach(compiled, opt, config=NO_SERVER) as mon:
         assert mon.layer_names == [n for n, _ in model.named_parameters()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_with_dtensor_parameters(backend: str) -> None:
+    """FSDP2 parameters are DTensors: the step hook's custom op takes their local shards
+    (DTensor has no sharding rule for an op of gradmon's own)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dynamo.reset()
+        model = SmallNet()
+        fully_shard(model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        step = torch.compile(opt.step, backend=backend)
+        with gradmon.attach(model, opt, config=NO_SERVER) as mon:
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(8, 8)).pow(2).mean().backward()
+                want = {
+                    n: reference.tensor_partials(p.grad.to_local())  # type: ignore[union-attr]
+                    for n, p in model.named_parameters()
+                }
+                step()
+                snap = mon.snapshot()
+                assert snap is not None
+                for name, row in want.items():
+                    assert snap.layers[name].sum_squares == pytest.approx(row[Col.SUM_SQ])
+            assert readings.collections(mon) == 2
+            assert readings.errors(mon) == dict.fromkeys(readings.STAGES, 0)
+    finally:
+        dist.destroy_process_group()

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+import gradmon
 from gradmon import Monitor
+from gradmon.stats import Col, reference
 
 NO_EXPORTER: dict[str, Any] = {"exporter": {"enabled": False}}
 
@@ -285,3 +287,184 @@ def test_transformers_on_log_keeps_numbers_only() -> None:
     assert mon.registry.get_sample_value("gradmon_scalar", {"name": "msg"}) is None
     callback.on_train_end(None, None, None)
     assert mon.closed
+
+
+# ------------------------------------------------- fused optimizers under a GradScaler
+def _unscaled_reference(model: nn.Module, scale: float) -> dict[str, list[float]]:
+    """float64 partials of each parameter's unscaled gradient (grad / scale)."""
+    return {
+        n: reference.tensor_partials(p.grad.detach().double() / scale)
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+
+
+def _assert_unscaled(snap: gradmon.Snapshot, want: dict[str, list[float]]) -> None:
+    assert set(snap.layers) == set(want)
+    for name, row in want.items():
+        got = snap.layers[name]
+        assert (got.nan_count, got.inf_count) == (row[Col.NAN_COUNT], row[Col.INF_COUNT]), name
+        assert got.sum_squares == pytest.approx(row[Col.SUM_SQ], rel=1e-6), name
+        assert got.abs_max == pytest.approx(row[Col.ABS_MAX], rel=1e-6), name
+
+
+def test_lightning_fused_optimizer_under_16_mixed_reports_unscaled_grads(tmp_path: Any) -> None:
+    """Lightning leaves a fused optimizer's grads scaled (the kernel unscales them), and
+    the skip is decided inside scaler.step(): the statistics must still be the unscaled
+    grads' (no false `exploding`), and every skipped step counted."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gradmon.integrations.lightning import GradmonCallback
+
+    class Fused(pl.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(8, 16)
+            self.fc2 = nn.Linear(16, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss: torch.Tensor = self.fc2(torch.relu(self.fc1(batch[0]))).float().pow(2).mean()
+            return loss * math.inf if batch_idx == 2 else loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-2, fused=True)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    seen: dict[str, Any] = {"want": [], "got": []}
+
+    class Capturing(GradmonCallback):
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            # Scaled here (the fused kernel unscales): the reference divides by the scale.
+            seen["want"].append(_unscaled_reference(pl_module, scaler.get_scale()))
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+        def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+            super().on_train_batch_end(*args, **kwargs)
+            assert self.monitor is not None
+            seen["got"].append(self.monitor.snapshot())
+
+        def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+            assert self.monitor is not None
+            for name in ("steps", "skipped_steps", "collections"):
+                seen[name] = self.monitor.registry.get_sample_value(f"gradmon_{name}_total")
+            seen["exploding"] = self.monitor.registry.get_sample_value(
+                "gradmon_anomalies_total", {"layer": "fc1.weight", "kind": "exploding"}
+            )
+            super().on_fit_end(trainer, pl_module)
+
+    callback = Capturing(config={**NO_EXPORTER, "health": {"exploding_norm": 100.0}})
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[callback],
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8))
+    trainer.fit(Fused(), torch.utils.data.DataLoader(data, batch_size=8))
+
+    assert len(seen["got"]) == len(seen["want"]) == trainer.global_step == 4
+    for step, (snap, want) in enumerate(zip(seen["got"], seen["want"], strict=True)):
+        assert snap is not None and snap.step == step
+        _assert_unscaled(snap, want)
+    assert seen["got"][2].skipped and seen["got"][2].nonfinite
+    halvings = round(math.log2(2.0**8 / scaler.get_scale()))
+    assert halvings >= 1
+    assert seen["skipped_steps"] == halvings
+    assert seen["steps"] == seen["collections"] == 4
+    assert not seen["exploding"]  # the scaled grads (x256) would have been
+
+
+def test_transformers_fused_adamw_under_a_grad_scaler_reports_unscaled_grads(
+    tmp_path: Any,
+) -> None:
+    """optim="adamw_torch_fused" with an fp16 GradScaler, on the Trainer's own path
+    (Accelerate's backward and AcceleratedOptimizer.step with the scaler). Accelerate
+    refuses fp16 on a CPU, so the CPU GradScaler is handed to its accelerator and the
+    model runs its forward under fp16 autocast: the nearest real path on a CPU."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from gradmon.integrations.transformers import GradmonCallback
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(8, 16)
+            self.fc2 = nn.Linear(16, 1)
+            self.calls = 0
+
+        def forward(
+            self, x: torch.Tensor, labels: torch.Tensor | None = None
+        ) -> dict[str, torch.Tensor]:
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = self.fc2(torch.relu(self.fc1(x))).float()
+            result = {"logits": out}
+            if labels is not None:
+                loss = nn.functional.mse_loss(out, labels)
+                self.calls += 1
+                result["loss"] = loss * math.inf if self.calls == 2 else loss
+            return result
+
+    class Data(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+        def __init__(self) -> None:
+            self.x = torch.randn(64, 8)
+            self.y = torch.randn(64, 1)
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"x": self.x[i], "labels": self.y[i]}
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    seen: dict[str, Any] = {"want": [], "got": []}
+
+    class Capturing(GradmonCallback):
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            seen["want"].append(_unscaled_reference(kw["model"], scaler.get_scale()))
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            assert self.monitor is not None
+            seen["got"].append(self.monitor.snapshot())
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            assert self.monitor is not None
+            for name in ("steps", "skipped_steps", "collections"):
+                seen[name] = self.monitor.registry.get_sample_value(f"gradmon_{name}_total")
+            super().on_train_end(args, state, control, **kw)
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=0.01,
+        optim="adamw_torch_fused",
+        max_grad_norm=0.0,  # no clipping: the grads reach the fused kernel scaled
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    callback = Capturing(config=NO_EXPORTER)
+    trainer = transformers.Trainer(
+        model=Tiny(), args=args, train_dataset=Data(), callbacks=[callback]
+    )
+    trainer.accelerator.scaler = scaler  # what Accelerator(mixed_precision="fp16") makes
+    trainer.train()
+
+    assert trainer.optimizer.optimizer.defaults["fused"]  # the fused kernel did step
+    assert len(seen["got"]) == len(seen["want"]) == 4
+    for step, (snap, want) in enumerate(zip(seen["got"], seen["want"], strict=True)):
+        assert snap is not None and snap.step == step
+        _assert_unscaled(snap, want)
+    assert seen["got"][1].skipped and seen["got"][1].nonfinite
+    halvings = round(math.log2(2.0**8 / scaler.get_scale()))
+    assert halvings >= 1
+    assert seen["skipped_steps"] == halvings
+    assert seen["steps"] == seen["collections"] == 4

@@ -243,9 +243,9 @@ def test_podmonitor_sample_limit_covers_one_rank_at_the_layer_cap(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
     spec = _one(rendered[""], "PodMonitor")["spec"]
-    # Per target (one rank): 7 series per layer + up to 4 anomaly kinds per layer + ~85
-    # global ones (README.md).
-    assert spec["sampleLimit"] >= 11 * ExporterConfig().max_layers + 85
+    # Per target (one rank), any parallel layout: 7 series per layer + up to 4 anomaly
+    # kinds per layer + ~86 global ones (README.md).
+    assert spec["sampleLimit"] >= 11 * ExporterConfig().max_layers + 86
 
 
 def test_pytorchjob_overlay_sets_namespace_selector_and_release(

@@ -2,9 +2,9 @@
 
 - DDP: the optimizer's step pre-hook runs after DDP has all-reduced the gradients, so
   every rank computes the same statistics of the same (averaged) gradients.
-- FSDP2 (`fully_shard`): parameters and gradients are DTensors; each rank computes on
-  its local shard (`to_local()`, possibly empty) and exports additive partials, which
-  PromQL sums over ranks (`gradmon_grad_sum_squares`: sqrt of the sum is the layer norm).
+- FSDP2, HSDP, tensor parallel (DTensor parameters and gradients): each rank computes on
+  its local shard (`to_local()`, possibly empty). Which rank exports which shard, so that
+  PromQL sums over ranks exactly, is placement.py's.
 
 The process group is often initialised after `attach()`, so the rank is read lazily (at
 export), never cached as "no rank" at attach. The port is fixed at attach, from
@@ -22,8 +22,8 @@ from torch import nn
 from gradmon.errors import GradmonError
 
 __all__ = [
+    "dtensor_type",
     "is_dtensor",
-    "is_sharded",
     "local_rank",
     "local_tensor",
     "metrics_port",
@@ -86,7 +86,8 @@ def metrics_port(base: int) -> int:
     return port
 
 
-def _dtensor_type() -> type | None:
+def dtensor_type() -> type | None:
+    """The DTensor class, or None when torch.distributed.tensor was never imported."""
     # No import: if torch.distributed.tensor was never imported, no DTensor exists.
     module = sys.modules.get("torch.distributed.tensor")
     cls = getattr(module, "DTensor", None)
@@ -97,7 +98,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of `t`: a DTensor's local shard (may hold no element), else `t`."""
     if type(t) is torch.Tensor or type(t) is nn.Parameter:  # the common case, no lookups
         return t
-    cls = _dtensor_type()
+    cls = dtensor_type()
     if cls is not None and isinstance(t, cls):
         local: torch.Tensor = t.to_local()  # type: ignore[attr-defined]
         return local
@@ -105,13 +106,5 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    cls = _dtensor_type()
+    cls = dtensor_type()
     return cls is not None and isinstance(t, cls)
-
-
-def is_sharded(t: torch.Tensor) -> bool:
-    """True for a DTensor with a Shard placement: its local parts add up across ranks."""
-    cls = _dtensor_type()
-    if cls is None or not isinstance(t, cls):
-        return False
-    return any(p.is_shard() for p in t.placements)  # type: ignore[attr-defined]

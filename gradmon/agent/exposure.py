@@ -19,10 +19,12 @@ from gradmon.agent import distributed
 from gradmon.agent.counters import Counters
 from gradmon.agent.features import Feature
 from gradmon.agent.layers import LayerIndex
+from gradmon.agent.placement import Placement, Sums
 from gradmon.agent.steps import Steps
 from gradmon.config import Config
 from gradmon.export.collector import ExportState, GradmonCollector, RankLabelled
 from gradmon.export.server import MetricsServer
+from gradmon.snapshot import LayerTable
 from gradmon.stats.torch import to_float
 from gradmon.version import __version__
 
@@ -39,6 +41,7 @@ class Sources:
     index: LayerIndex
     features: Sequence[Feature]
     scaler: Any  # a GradScaler, or None: its scale is read at scrape time
+    placement: Placement  # which (layer, shard)s this rank exports
 
 
 class Exposure:
@@ -46,6 +49,9 @@ class Exposure:
         self._cfg = cfg.exporter
         self._src = sources
         self._rank: int | None = None  # read lazily: the group may be initialised later
+        self._position = {n: i for i, n in enumerate(sources.index.layer_names)}
+        self._exported: tuple[int | None, list[str]] | None = None  # (rank, its layers)
+        self._sums: tuple[int, int | None, Sums] | None = None  # (snapshot id, rank, sums)
         self._own_registry = registry is None
         self.registry = registry if registry is not None else _default_registry(self)
         on_error = functools.partial(sources.counters.count_error, "export")
@@ -65,16 +71,45 @@ class Exposure:
             self._rank = distributed.rank_label()
         return self._rank
 
-    def exports_layers(self, rank: int | None) -> bool:
-        """Whether this rank exports the per-layer families (exporter.per_layer_ranks)."""
-        cfg = self._cfg
+    def exported_layers(self, rank: int | None) -> list[str]:
+        """The layers whose per-layer families this rank exports (exporter.per_layer and
+        exporter.per_layer_ranks; fixed once the rank is known).
+
+        - auto: the layers holding a shard this rank exports (placement.py), so that a sum
+          over ranks counts every distinct shard once;
+        - first: every layer from rank 0 only (exact for replicas, i.e. DDP);
+        - all: every layer from every rank (each rank's own view; replicas add up twice).
+        """
+        cached = self._exported
+        if cached is not None and cached[0] == rank:
+            return cached[1]
+        cfg, names = self._cfg, self._src.index.exported
         if not cfg.per_layer:
-            return False
-        if rank is None or rank == 0 or cfg.per_layer_ranks == "all":
-            return True
-        # auto: replicated grads (DDP) are the same on every rank, rank 0 speaks for all;
-        # sharded ones (FSDP) are additive partials, every rank exports its own.
-        return cfg.per_layer_ranks == "auto" and self._src.index.sharded
+            names = []
+        elif rank is not None and cfg.per_layer_ranks == "first":
+            names = names if rank == 0 else []
+        elif rank is not None and cfg.per_layer_ranks == "auto":
+            mine = self._src.placement.shares(rank).exported
+            names = [n for n, exported in zip(names, mine, strict=False) if exported]
+        self._exported = (rank, names)
+        return names
+
+    def _shares(self, state: ExportState) -> None:
+        """This rank's additive shares of the state's snapshot (cached per snapshot)."""
+        snap, rank = state.snapshot, state.rank
+        if snap is None:
+            return
+        cached = self._sums
+        if cached is None or cached[0] != id(snap) or cached[1] != rank:
+            if rank is None:  # one rank: everything is its own
+                sums = Sums(_sum_squares(snap.layers), {})
+            else:
+                sums = self._src.placement.shares(rank).sums(snap.layers, self._position)
+            cached = self._sums = (id(snap), rank, sums)
+        sums = cached[2]
+        state.global_sum_squares = sums.global_sum_squares
+        if self._cfg.per_layer_ranks == "auto":
+            state.layer_sum_squares = sums.layer_sum_squares
 
     def export_state(self) -> ExportState:
         src = self._src
@@ -88,10 +123,12 @@ class Exposure:
             rank=rank,
             steps_total=src.steps.total,
             skipped_steps_total=src.steps.skipped_total,
-            layer_names=src.index.exported,
-            per_layer=self.exports_layers(rank),
             **extra,
         )
+        state.layer_names = self.exported_layers(rank)
+        state.per_layer = bool(state.layer_names)
+        with src.counters.guard("export"):
+            self._shares(state)
         state.errors_total["hook"] += sum(f.errors for f in src.features)
         # Tensor scalars and the loss scale are read here, on the scrape thread: on CUDA
         # that read waits for the GPU on this thread only, never on the training thread.
@@ -115,6 +152,12 @@ class Exposure:
         """In a forked child: close only this process's copy of the listening socket."""
         if self.server is not None:
             self.server.close_in_child()
+
+
+def _sum_squares(layers: Any) -> float:
+    if isinstance(layers, LayerTable):
+        return float(layers.column("sum_squares").sum())
+    return float(sum(s.sum_squares for s in layers.values()))
 
 
 def _default_registry(exposure: Exposure) -> CollectorRegistry:

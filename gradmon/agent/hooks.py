@@ -5,9 +5,10 @@ never keep a model or monitor alive.
 
 - Gradient hooks (post-accumulate-grad) note the order in which parameters received a
   gradient in this step: a list store, nothing else.
-- Step hooks: a compiled `optimizer.step()` calls them as an opaque leaf function (no
-  graph break) where torch has `torch._dynamo.decorators.leaf_function`; they reach their
-  monitor through an int key, which dynamo can guard on, not through a closure.
+- Step hooks: a compiled `optimizer.step()` calls them as an opaque custom op
+  (`gradmon::step_hook`, no graph break, with every backend: aot_eager and inductor);
+  they reach their monitor through an int key, which dynamo can guard on, not through a
+  closure.
 - Removal: torch iterates the optimizer's step hooks in Python, so they cannot be removed
   while any thread is inside an optimizer step; then they stay (inert) and go at the next
   backward.
@@ -26,6 +27,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from gradmon.agent import distributed
 
 __all__ = ["GradArrivals", "StepListener", "TorchHooks", "watch_scaler"]
 
@@ -89,31 +92,39 @@ def _step_hook_by_key(key: int, post: bool = False) -> None:
 
 
 @functools.cache
-def _compiled_step_hook(post: bool = False) -> Callable[[int], None]:
-    """The step (pre or post) hook as torch.compile runs it: a leaf function (an opaque
-    call in the graph, run eagerly at runtime: no graph break), or where this torch has no
-    `leaf_function`, a `torch.compiler.disable`d call (correct, with a graph break)."""
-    try:
-        from torch._dynamo.decorators import leaf_function
-    except ImportError:
-        fallback: Callable[[int], None] = torch.compiler.disable(  # type: ignore[no-untyped-call]
-            functools.partial(_step_hook_by_key, post=post)
-        )
-        return fallback
+def _compiled_step_hook() -> Callable[[int, bool, list[torch.Tensor]], None]:
+    """The step (pre or post) hook as torch.compile runs it: a custom op (opaque to dynamo,
+    AOTAutograd and inductor alike, run eagerly at runtime: no graph break), marked as
+    having a side effect so that no backend drops it. It takes the optimizer's parameters
+    only so that a backend orders it before the step's in-place updates of them; it reads
+    nothing from them (the listener finds its gradients itself).
 
-    def gradmon_step_hook(key: int) -> None:
+    (`torch._dynamo.decorators.leaf_function`, used before, is not supported by inductor:
+    its graph holds the Python callables as attributes, and inductor's `get_attr` asserts
+    on them, so the first compiled step crashed the training job.)"""
+
+    @torch.library.custom_op("gradmon::step_hook", mutates_args=())
+    def gradmon_step_hook(key: int, post: bool, params: list[torch.Tensor]) -> None:
         _step_hook_by_key(key, post)
 
-    if post:  # a name of its own: the leaf is an op named after the function
-        gradmon_step_hook.__name__ = gradmon_step_hook.__qualname__ = "gradmon_step_post_hook"
-    leaf = leaf_function(gradmon_step_hook)
-
-    @leaf.register_fake  # type: ignore[attr-defined,untyped-decorator]
-    def _fake(key: int) -> None:
+    @gradmon_step_hook.register_fake
+    def _fake(key: int, post: bool, params: list[torch.Tensor]) -> None:
         return None
 
-    hook: Callable[[int], None] = leaf
+    # No output and no mutation: without this, dead-code elimination would drop the call.
+    torch.fx.node.has_side_effect(torch.ops.gradmon.step_hook.default)
+    hook: Callable[[int, bool, list[torch.Tensor]], None] = gradmon_step_hook
     return hook
+
+
+def _params_of(optimizer: Any, dtensor: type | None) -> list[torch.Tensor]:
+    """The optimizer's parameters as the custom op takes them: plain tensors, a DTensor's
+    local shard (an op of gradmon's own has no sharding rule). `dtensor`: the DTensor
+    class, looked up outside the traced code (None: no DTensor exists)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if dtensor is None:
+        return params
+    return [p.to_local() if isinstance(p, dtensor) else p for p in params]  # type: ignore[attr-defined]
 
 
 _OPTIMIZER_FILE = os.path.join("torch", "optim", "optimizer.py")
@@ -235,13 +246,14 @@ class TorchHooks:
         me = weakref.ref(listener)
         key = self._key = next(_keys)
         _LISTENERS[key] = me
-        compiled_pre = _compiled_step_hook()
+        compiled = _compiled_step_hook()
+        dtensor = distributed.dtensor_type()  # not looked up inside traced code
 
         def on_step(opt: Any, _args: Any, _kwargs: Any) -> None:
             if torch.compiler.is_compiling():
                 # Traced by dynamo (a compiled optimizer step): an opaque call that runs
                 # the eager branch's work at runtime, with no graph break.
-                compiled_pre(key)
+                compiled(key, False, _params_of(opt, dtensor))
                 return
             target = me()
             if target is not None and not target.closed:
@@ -250,11 +262,10 @@ class TorchHooks:
         self._step_handles.append(optimizer.register_step_pre_hook(on_step))
         if not post_step:  # only when a feature needs it: no post-hook cost otherwise
             return
-        compiled_post = _compiled_step_hook(post=True)
 
         def on_step_post(opt: Any, _args: Any, _kwargs: Any) -> None:
             if torch.compiler.is_compiling():
-                compiled_post(key)  # as on_step: an opaque leaf call
+                compiled(key, True, _params_of(opt, dtensor))  # as on_step: an opaque call
                 return
             target = me()
             if target is not None and not target.closed:

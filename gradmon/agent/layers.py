@@ -173,7 +173,6 @@ class LayerIndex:
     layer_names: list[str]
     layer_of: list[int]  # parameter position -> layer position
     members: list[list[int]]  # layer position -> parameter positions
-    sharded: bool  # any parameter is a DTensor (FSDP2): partials are additive over ranks
     exported: list[str]  # the layers with per-layer series (exporter.max_layers)
 
     @classmethod
@@ -202,7 +201,6 @@ class LayerIndex:
             layer_names=layer_names,
             layer_of=layer_of,
             members=members,
-            sharded=any(distributed.is_sharded(p) for _, p in named),
             exported=warn_over_cap(
                 "layers", layer_names, cfg.exporter.max_layers, "per-layer metrics"
             ),

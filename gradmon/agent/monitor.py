@@ -33,6 +33,7 @@ from gradmon.agent.hooks import GradArrivals, TorchHooks
 from gradmon.agent.inflight import Inflight
 from gradmon.agent.layers import LayerIndex, check_attach_args, select_parameters, unwrap
 from gradmon.agent.pipeline import Parts, Pipeline
+from gradmon.agent.placement import Placement
 from gradmon.agent.publish import Publisher
 from gradmon.agent.steps import Steps
 from gradmon.config import Config, load_config
@@ -83,6 +84,8 @@ class Monitor:
         self._counters = counters = Counters()
         named = select_parameters(unwrap(model), optimizer, cfg.collect, counters.skip)
         self._index = index = LayerIndex.build(named, cfg)
+        # Before unwrap(): a DistributedDataParallel wrapper tells its replicas' group.
+        placement = Placement(index, model)
         self._steps = Steps(cfg.collect.every_n_steps)
         try:
             # Storage errors are reported from the sinks' own threads while they happen;
@@ -96,6 +99,7 @@ class Monitor:
                 HealthRules(cfg.health),
                 gatherer.skipped_positions,
                 functools.partial(counters.count_error, "publish"),
+                owned=placement.owned_parameters,
             )
             parts = Parts(
                 index=index,
@@ -115,7 +119,9 @@ class Monitor:
                 self._pipeline, index.param_refs, arrivals, optimizer, scaler, post_step=post_step
             )
             self._pipeline.watch_grads = self._hooks.watch_grads
-            sources = Sources(run_id, counters, self._steps, index, self._features, scaler)
+            sources = Sources(
+                run_id, counters, self._steps, index, self._features, scaler, placement
+            )
             self._exposure = Exposure(cfg, sources, registry)
         except BaseException:
             self.close()

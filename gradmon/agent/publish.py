@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from gradmon.agent.inflight import Ready
 from gradmon.agent.layers import LayerIndex
+from gradmon.agent.placement import OWNED_SUM_SQUARES
 from gradmon.health import HealthRules
 from gradmon.snapshot import TABLE_COLUMNS, LayerTable, Snapshot
 from gradmon.stats import NCOLS, Col
@@ -81,8 +82,12 @@ class Publisher:
         health: HealthRules,
         skipped_positions: set[int],
         on_error: Callable[[BaseException], None],
+        owned: Sequence[bool] | None = None,
     ) -> None:
         self._index = index
+        # placement.py: where a layer mixes parameters this rank exports with replicas
+        # another rank exports, the exported ones' sum of squares goes in a column of its own.
+        self._owned = np.asarray(owned, dtype=bool) if owned is not None else None
         self._health = health
         self._left_out = skipped_positions
         self._on_error = on_error
@@ -92,6 +97,9 @@ class Publisher:
         table = ready.table.numpy()
         fresh = np.asarray(ready.fresh, dtype=bool)
         cols = layer_columns(self._grouping, table, fresh)
+        if self._owned is not None:
+            mine = np.where(self._owned, table[:, Col.SUM_SQ], 0.0)
+            cols[OWNED_SUM_SQUARES] = self._grouping.add(mine)
         names = self._index.layer_names
         keep = self._present(ready.failed)
         if keep is not None:  # a group failed (counted): its layers are left out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.core import (
@@ -90,6 +90,11 @@ class ExportState:
     activation_names: list[str] = field(default_factory=list)  # exported modules, capped
     activation_nonfinite_total: dict[str, int] = field(default_factory=dict)
     nonfinite_origin_total: dict[str, int] = field(default_factory=dict)
+    # This rank's additive shares (agent/placement.py): of the global sum of squares, and
+    # of the layers that mix exported and replicated parameters (their other values are
+    # this rank's view).
+    global_sum_squares: float | None = None
+    layer_sum_squares: dict[str, float] = field(default_factory=dict)
 
 
 _FAMILY_TYPES: dict[str, Callable[..., Metric]] = {
@@ -255,6 +260,8 @@ def _live_families(st: ExportState) -> Iterator[Metric]:
         yield r.single(schema.STEP, snap.step)
         yield r.single(schema.LAST_COLLECTION, snap.timestamp)
         yield r.single(schema.GLOBAL_NORM, snap.global_norm)
+        if st.global_sum_squares is not None:
+            yield r.single(schema.GLOBAL_SUM_SQUARES, st.global_sum_squares)
     if st.loss_scale is not None:
         yield r.single(schema.LOSS_SCALE, st.loss_scale)
     for f, hist in (
@@ -279,15 +286,21 @@ def _labelled(r: _Rank, f: Family, items: Iterable[tuple[tuple[str, ...], float]
 
 
 def _gauges(
-    r: _Rank, families: Sequence[Family], items: Sequence[tuple[str, object]]
+    r: _Rank,
+    families: Sequence[Family],
+    items: Sequence[tuple[str, object]],
+    shares: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Iterator[Metric]:
     """One gauge family per schema family over (name, statistics) items: the value of
-    each is the statistics' attribute the family names."""
+    each is the statistics' attribute the family names, or where `shares` has one for
+    the family and name, that (a rank's share of an additive family)."""
     for f in families:
         assert f.attr is not None, f.name
         g = r.family(f)
+        own = (shares or {}).get(f.name, {})
         for name, stats in items:
-            g.add_metric([name, *r.values], getattr(stats, f.attr))  # type: ignore[attr-defined]
+            value = own[name] if name in own else getattr(stats, f.attr)
+            g.add_metric([name, *r.values], value)  # type: ignore[attr-defined]
         yield g
 
 
@@ -298,7 +311,8 @@ def _counts(r: _Rank, f: Family, names: list[str], counts: dict[str, int]) -> Me
 def _layer_families(st: ExportState, snap: Snapshot, r: _Rank) -> Iterator[Metric]:
     """The per-layer (and per-module) families of one snapshot: the bulk of a scrape."""
     layers = [(n, snap.layers[n]) for n in st.layer_names if n in snap.layers]
-    yield from _gauges(r, schema.LAYER_GAUGES, layers)
+    shares = {schema.GRAD_SUM_SQUARES.name: st.layer_sum_squares}
+    yield from _gauges(r, schema.LAYER_GAUGES, layers, shares)
     # Opt-in (collect.update_ratio_every): only layers measured so far have a value.
     ratios = [(n, s) for n, s in layers if s.update_ratio is not None]
     if ratios:

@@ -26,6 +26,7 @@ __all__ = [
     "GLOBAL_NORM",
     "GLOBAL_NORM_BUCKETS",
     "GLOBAL_NORM_PER_STEP",
+    "GLOBAL_SUM_SQUARES",
     "GRAD_ABS_MAX",
     "GRAD_NORM",
     "GRAD_RMS",
@@ -130,6 +131,13 @@ GLOBAL_NORM = Family(
     "gauge",
     "L2 norm over the finite entries of all monitored gradients.",
 )
+GLOBAL_SUM_SQUARES = Family(
+    "gradmon_grad_global_sum_squares",
+    "gauge",
+    "This rank's share of the sum of squares over all monitored gradients (finite entries): "
+    "each distinct shard counted on exactly one rank, so the sum over ranks is the squared "
+    "global norm.",
+)
 LOSS_SCALE = Family("gradmon_loss_scale", "gauge", "GradScaler loss scale.")
 GLOBAL_NORM_PER_STEP = Family(
     "gradmon_grad_global_norm_per_step",
@@ -178,7 +186,8 @@ GRAD_ZERO_RATIO = Family(
 GRAD_SUM_SQUARES = Family(
     "gradmon_grad_sum_squares",
     "gauge",
-    "Sum of squares of the gradient: an additive partial for cross-rank sums.",
+    "Sum of squares of the layer's gradient: an additive partial, each distinct shard "
+    "exported by one rank, so the sum over ranks is the squared layer norm.",
     (LAYER,),
     "sum_squares",
 )
@@ -247,6 +256,7 @@ FAMILIES = (
     STEP,
     LAST_COLLECTION,
     GLOBAL_NORM,
+    GLOBAL_SUM_SQUARES,
     LOSS_SCALE,
     GLOBAL_NORM_PER_STEP,
     COLLECT_DURATION,

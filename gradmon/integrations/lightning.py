@@ -18,6 +18,14 @@ closure: the grads are final there (accumulated, all-reduced by DDP, unscaled by
 scaler). Under AMP a step the scaler is about to skip for inf/NaN is collected and counted
 as skipped. With `collect.every_n_steps: n`, only every n-th optimizer step is collected
 and counted in `gradmon_steps_total`.
+
+Fused optimizers (`fused=True`) under a GradScaler (`16-mixed`) are the exception: Lightning
+does not unscale their grads (the fused kernel does, inside its step), so the grads are
+still scaled in `on_before_optimizer_step`, and whether the scaler skips the step is known
+only inside `scaler.step()`. There the AMP plugin runs the closure itself and then calls
+`scaler.step(optimizer)`, so the optimizer's step pre-hook comes after the backward, with
+the scaler's `grad_scale`/`found_inf` on the optimizer: the callback attaches the agent
+with the optimizer, which unscales on the device and counts the skips the kernel makes.
 """
 
 from __future__ import annotations
@@ -55,6 +63,15 @@ def _scaler_of(trainer: Any) -> Any:
     return None
 
 
+def _unscaled_in_step(scaler: Any, optimizer: Any) -> bool:
+    """Whether `optimizer` unscales its grads inside its step (a fused optimizer, which
+    GradScaler hands `grad_scale`/`found_inf`) under an enabled scaler: Lightning's AMP
+    plugin then leaves the grads scaled until `scaler.step(optimizer)`."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return False
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
 def _found_inf(scaler: Any, optimizer: Any) -> bool:
     """Whether `scaler.unscale_(optimizer)` found inf/NaN, i.e. `scaler.step()` will skip.
 
@@ -85,6 +102,7 @@ class GradmonCallback(Callback):  # type: ignore[misc,unused-ignore]
         self._optimizer: Any = None
         self._scaler: Any = None
         self._optimizer_steps = 0
+        self._in_step = False  # the agent collects in the optimizer's step pre-hook
 
     # ------------------------------------------------------------- lifecycle
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -93,13 +111,19 @@ class GradmonCallback(Callback):  # type: ignore[misc,unused-ignore]
         self._optimizer = optimizers[0] if optimizers else None
         self._scaler = _scaler_of(trainer)
         self._optimizer_steps = 0
+        self._in_step = _unscaled_in_step(self._scaler, self._optimizer)
+        if self._in_step:  # fused under a GradScaler: see the module docstring
+            self.monitor = attach(
+                pl_module, self._optimizer, scaler=self._scaler, config=self._config
+            )
+            return
         # No optimizer: its step pre-hook would run before the closure's backward (see the
         # module docstring); the statistics are taken in on_before_optimizer_step instead.
         self.monitor = attach(pl_module, scaler=self._scaler, config=self._config)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         mon = self.monitor
-        if mon is None or mon.closed:
+        if mon is None or mon.closed or self._in_step:
             return
         inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
         if self._optimizer is not None and inner is not self._optimizer:

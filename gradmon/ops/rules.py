@@ -173,8 +173,9 @@ def recording_rules(options: RuleOptions | None = None) -> list[dict[str, Any]]:
     run = ", ".join(o.run_labels)
     return [
         {
-            # Exact for sharded ranks (FSDP: each rank holds a disjoint shard).
-            # Replicated ranks (DDP) hold the same gradient: use :max there.
+            # Exact under every layout: each distinct shard of a layer is exported by one
+            # rank, replicas by none (agent/placement.py), so a plain sum over ranks is the
+            # unsharded sum of squares.
             "record": "gradmon:layer_grad_norm:combined",
             "expr": f"sqrt(sum by ({run}, layer) ({schema.GRAD_SUM_SQUARES.series}))",
         },
@@ -183,9 +184,27 @@ def recording_rules(options: RuleOptions | None = None) -> list[dict[str, Any]]:
             "expr": f"max by ({run}, layer) ({schema.GRAD_NORM.series})",
         },
         {
-            # From the global gauge, so layers past exporter.max_layers count too.
+            # The same count-each-shard-once shares of the global sum of squares, so layers
+            # past exporter.max_layers count too.
             "record": "gradmon:grad_global_norm:combined",
-            "expr": f"sqrt(sum by ({run}) ({schema.GLOBAL_NORM.series} ^ 2))",
+            "expr": f"sqrt(sum by ({run}) ({schema.GLOBAL_SUM_SQUARES.series}))",
+        },
+        {
+            # The self-check: the global norm again, from the per-layer shares ...
+            "record": "gradmon:grad_global_norm:from_layers",
+            "expr": f"sqrt(sum by ({run}) ({schema.GRAD_SUM_SQUARES.series}))",
+        },
+        {
+            # ... and how far apart the two are. 0 (to rounding) when every layer is
+            # exported once per shard; above 0 when a replica is counted twice
+            # (per_layer_ranks: all), a rank's layers are missing (per_layer_ranks: first
+            # under sharding), or layers go past exporter.max_layers. Alert on `> 1e-6`.
+            "record": "gradmon:grad_global_norm:layers_relative_error",
+            "expr": (
+                "abs(gradmon:grad_global_norm:from_layers - gradmon:grad_global_norm:combined)\n"
+                "/\n"
+                "(gradmon:grad_global_norm:combined > 0)"
+            ),
         },
         {
             # Ranks step together: max, not sum.

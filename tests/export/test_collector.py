@@ -321,3 +321,24 @@ def test_without_on_error_a_failure_propagates() -> None:
     registry.register(GradmonCollector(broken))
     with pytest.raises(RuntimeError, match="state unavailable"):
         generate_latest(registry)
+
+
+def test_shares_are_served_where_the_state_has_them() -> None:
+    """A rank's additive shares (agent/placement.py): the global one always, a layer's
+    where it differs from the layer's own sum (a module mixing sharded and replicated
+    parameters); every other value is the rank's own view."""
+    state = _state(rank=1)
+    state.global_sum_squares = 3.0
+    state.layer_sum_squares = {"b.weight": 0.75}
+    registry = CollectorRegistry()
+    registry.register(GradmonCollector(lambda: state))
+    rank = {"rank": "1"}
+    assert registry.get_sample_value("gradmon_grad_global_sum_squares", rank) == 3.0
+    sq = {
+        n: registry.get_sample_value("gradmon_grad_sum_squares", {"layer": n, **rank})
+        for n in ("a.weight", "b.weight")
+    }
+    assert sq == {"a.weight": 2.25, "b.weight": 0.75}
+    assert registry.get_sample_value("gradmon_grad_norm", {"layer": "b.weight", **rank}) == 1.5
+    state.global_sum_squares = None  # no share known: no series
+    assert registry.get_sample_value("gradmon_grad_global_sum_squares", rank) is None

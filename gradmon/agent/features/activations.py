@@ -33,8 +33,8 @@ every_n_steps > 1 the model compiles twice (with and without the statistics), an
 graphs are reused from then on. Measured alternatives (torch 2.13, the 4-module Probe of
 tests/test_activations.py under aot_eager): this traced hook, 0 graph breaks and 1 graph
 per forward; a `torch.compiler.disable`d hook, 4 graph breaks per forward (one per hooked
-module) and 4 graphs; a `leaf_function` (the step hook's opaque eager call) fails to
-lower in inductor (an assertion on its `_LeafCallable` attribute). An output on another
+module) and 4 graphs; a `leaf_function` fails to lower in inductor (an assertion on
+its `_LeafCallable` attribute; the step hook is a custom op for that reason). An output on another
 device than the table (a module moved after attach) takes a disabled eager call there.
 """
 

@@ -57,6 +57,7 @@ __all__ = [
     "prom_m",
     "series",
     "stat",
+    "stat_b",
     "variables",
 ]
 
@@ -147,12 +148,18 @@ def series(
 
 
 def stat(
-    title: str, description: str, expr: str, *, unit: str = "none", legend: str = ""
+    title: str,
+    description: str,
+    expr: str,
+    *,
+    unit: str = "none",
+    legend: str = "",
+    w: int = 4,
 ) -> stat_b.Panel:
     """A single-value panel of the top row, with a sparkline."""
     p = stat_b.Panel().graph_mode(common_m.BigValueGraphMode.AREA)
     p.reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
-    return panel(p, title, description, [(expr, legend)], unit=unit, w=4, h=4)
+    return panel(p, title, description, [(expr, legend)], unit=unit, w=w, h=4)
 
 
 def variables(*, modules: bool = False) -> list[cog_b.Builder[dash_m.VariableModel]]:

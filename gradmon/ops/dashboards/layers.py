@@ -135,8 +135,10 @@ def layers() -> dash_m.Dashboard:
                         "Top 10 layers by grad norm, combined over ranks",
                         "sqrt of the sum over ranks of each layer's sum of squares "
                         "(recording rule gradmon:layer_grad_norm:combined): the exact norm "
-                        "when ranks hold disjoint shards (FSDP). Needs gradmon's recording "
-                        "rules in Prometheus; ignores the instance and rank selection.",
+                        "under every layout, since each distinct shard is exported by one "
+                        "rank and replicas by none (DDP, FSDP, HSDP, tensor and pipeline "
+                        "parallelism). Needs gradmon's recording rules in Prometheus; "
+                        "ignores the instance and rank selection.",
                         [
                             (
                                 'topk(10, gradmon:layer_grad_norm:combined{job=~"$job", '

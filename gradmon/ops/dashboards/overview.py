@@ -18,9 +18,39 @@ from gradmon.ops.dashboards.builders import (
     prom_m,
     series,
     stat,
+    stat_b,
 )
 
 __all__ = ["overview"]
+
+
+def _self_check() -> stat_b.Panel:
+    """The global norm from the ranks' global shares against the one from their per-layer
+    shares (the recording rule gradmon:grad_global_norm:layers_relative_error, inline)."""
+    combined = f"sqrt(sum({schema.GLOBAL_SUM_SQUARES.series}{{{SEL}}}))"
+    from_layers = f"sqrt(sum({schema.GRAD_SUM_SQUARES.series}{{{SEL}}}))"
+    check = stat(
+        "Global norm self-check",
+        "Relative difference between the global grad norm combined from every rank's global "
+        "share and the one combined from the per-layer shares. 0 when each distinct shard "
+        "of each layer is exported by exactly one rank; above 1e-6 when a replica is "
+        "counted twice (exporter.per_layer_ranks: all), layers are missing (per_layer_ranks: "
+        "first under sharding, a subset of ranks selected) or go past exporter.max_layers.",
+        f"abs({from_layers} - {combined}) / ({combined} > 0)",
+        unit="percentunit",
+        w=3,
+    )
+    check.thresholds(
+        dash_b.ThresholdsConfig()
+        .mode(dash_m.ThresholdsMode.ABSOLUTE)
+        .steps(
+            [
+                dash_m.Threshold(value=None, color="green"),
+                dash_m.Threshold(value=1e-6, color="red"),
+            ]
+        )
+    ).color_mode(common_m.BigValueColorMode.BACKGROUND)
+    return check
 
 
 def overview() -> dash_m.Dashboard:
@@ -51,6 +81,7 @@ def overview() -> dash_m.Dashboard:
         "collections (collect.every_n_steps) and when training stalls.",
         f"time() - max({schema.LAST_COLLECTION.series}{{{SEL}}})",
         unit="s",
+        w=4,
     )
     age_stat.thresholds(
         dash_b.ThresholdsConfig()
@@ -99,6 +130,7 @@ def overview() -> dash_m.Dashboard:
                         "Training step of the latest snapshot (the largest over the "
                         "selected targets).",
                         f"max({schema.STEP.series}{{{SEL}}})",
+                        w=3,
                     ),
                     stat(
                         "Steps / s",
@@ -106,13 +138,18 @@ def overview() -> dash_m.Dashboard:
                         "together: the largest rate over the selected targets).",
                         f"max(rate({schema.STEPS.series}{{{SEL}}}[{RATE}]))",
                         unit="short",
+                        w=3,
                     ),
                     stat(
                         "Global grad norm",
-                        "L2 norm over all monitored gradients at the latest collection "
-                        "(the largest over the selected targets).",
-                        f"max({g}{{{SEL}}})",
+                        "L2 norm over all monitored gradients at the latest collection, "
+                        "combined over the selected ranks: the square root of the sum of "
+                        "their shares of the global sum of squares, each distinct shard "
+                        "counted once (exact under DDP, FSDP, HSDP, tensor and pipeline "
+                        "parallelism when every rank is selected).",
+                        f"sqrt(sum({schema.GLOBAL_SUM_SQUARES.series}{{{SEL}}}))",
                     ),
+                    _self_check(),
                     age_stat,
                     # Every stage is exported from 0, so this is 0 on a healthy run; it is
                     # empty only until the rate window of a new run holds two scrapes.
@@ -122,6 +159,7 @@ def overview() -> dash_m.Dashboard:
                         "see the agent's log and 'Agent errors by stage'.",
                         f"sum(rate({schema.AGENT_ERRORS.series}{{{SEL}}}[{RATE}]))",
                         unit="short",
+                        w=3,
                     ).no_value("0"),
                 ],
             ),
