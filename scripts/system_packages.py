@@ -54,6 +54,10 @@ NEEDS: tuple[Need, ...] = (
     Need(("amtool",), "prometheus-alertmanager", "Alertmanager config checks"),
     Need(("kubectl",), "kubernetes-client", "deploy/k8s rendering (kubectl kustomize)"),
     Need(("openssl",), "openssl", "TLS and client-certificate tests"),
+    # tests/ops/test_dashboard_types.py: dashboards/*.json against @grafana/schema with tsc
+    # (npm ci in tests/ops/grafana_types on its first run).
+    Need(("node",), "nodejs", "dashboards checked against Grafana's published types (tsc)"),
+    Need(("npm",), "npm", "installs @grafana/schema and typescript for that check"),
 )
 
 APT_INSTALL = ("apt-get", "install", "-y", "-qq", "--no-install-recommends")
@@ -97,7 +101,7 @@ def _report(p: Plan) -> str:
     lines.append(f"install them with:\n  {p.command}")
     lines.append(
         "(other systems: the upstream release archives of Prometheus and Alertmanager, "
-        "kubectl and openssl, on PATH)\n"
+        "kubectl, openssl and Node.js, on PATH)\n"
         "until then the tests that need them skip, each naming what it lacks "
         "(listed under 'short test summary info')"
     )

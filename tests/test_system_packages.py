@@ -30,11 +30,12 @@ def _which(present: set[str]):  # type: ignore[no-untyped-def]
 def test_every_program_the_tests_look_for_is_listed() -> None:
     names = {n for need in _module().NEEDS for n in need.names}
     assert {"prometheus", "promtool", "alertmanager", "amtool", "kubectl", "openssl"} <= names
+    assert {"node", "npm"} <= names
 
 
 def test_missing_programs_give_their_packages_once_in_order() -> None:
     sp = _module()
-    plan = sp.plan(_which({"kubectl", "openssl", "apt-get"}), is_root=False)
+    plan = sp.plan(_which({"kubectl", "openssl", "node", "npm", "apt-get"}), is_root=False)
     assert plan.packages == ("prometheus", "prometheus-alertmanager")
     assert not plan.can_install
     assert plan.command == (
@@ -42,6 +43,7 @@ def test_missing_programs_give_their_packages_once_in_order() -> None:
     )
     # Debian's binary name for Alertmanager counts.
     debian = {"prometheus", "promtool", "prometheus-alertmanager", "amtool", "kubectl", "openssl"}
+    debian |= {"node", "npm"}
     assert sp.plan(_which(debian), is_root=False).missing == ()
 
 
