@@ -147,6 +147,20 @@ def test_view_lines_and_summary_show_alert_states_and_delivery(
     )
 
 
+def test_summary_tells_pending_only_alerts_from_undelivered_ones() -> None:
+    stack = _Stack()
+    watch = AlertWatch("gradmon-healthy", sees_deliveries=True)
+    stack.listed = [_alert("GradmonTrainingStalled", "pending", "", job="gradmon-healthy")]
+    watch.start(stack)  # type: ignore[arg-type]
+    watch.stop()
+    watch.poll()
+    stack.listed = [_alert("GradmonDeadLayer", "firing", "x", job="gradmon-healthy")]
+    watch.poll()
+    text = summary(Progress("healthy", 1, None, watch=watch).result(port=None, seconds=1.0))
+    assert "alert GradmonTrainingStalled (critical): inactive, was pending, never fired" in text
+    assert "alert GradmonDeadLayer (critical): firing, not delivered (inhibited" in text
+
+
 def test_summary_says_when_the_scenarios_alert_did_not_fire() -> None:
     result = DemoResult("dead", 5, {}, {}, 0.1, None, 1.0, watched=True)
     assert "  alerts: none (GradmonDeadLayer did not fire)" in summary(result)

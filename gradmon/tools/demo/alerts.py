@@ -33,6 +33,7 @@ class AlertSeen:
     severity: str = ""
     delivered_after: float | None = None
     firing: int = 0  # alerts of this rule firing at the last poll (e.g. layers)
+    fired: bool = False  # firing at some poll (or delivered)
 
 
 class AlertWatch:
@@ -91,6 +92,8 @@ class AlertWatch:
                     severity=alerts[0]["labels"].get("severity", ""),
                     firing=firing,
                 )
+                if firing:
+                    self._seen[name] = replace(self._seen[name], fired=True)
 
     # -- Alertmanager's deliveries
     def delivered(self, payload: dict[str, Any]) -> None:
@@ -111,7 +114,7 @@ class AlertWatch:
             if labels.get("job") != self.job or status != "firing":
                 continue
             with self._lock:
-                old = self._seen.get(name, AlertSeen(name, "firing"))
+                old = replace(self._seen.get(name, AlertSeen(name, "firing")), fired=True)
                 if old.delivered_after is None:
                     old = replace(old, delivered_after=after)
                 self._seen[name] = replace(old, severity=labels.get("severity", old.severity))

@@ -181,8 +181,10 @@ def _alert_lines(result: DemoResult) -> list[str]:
     for a in order:
         if a.delivered_after is not None:
             delivered = f"delivered by Alertmanager {a.delivered_after:.1f} s into the run"
+        elif a.fired:
+            delivered = "not delivered (inhibited, or the run ended first)"
         else:
-            delivered = "not delivered"
+            delivered = "was pending, never fired"
         out.append(f"  alert {a.name} ({a.severity or '?'}): {_state(a)}, {delivered}")
     if expected and expected not in result.alerts:
         out.append(f"  alert {expected}: did not fire")
