@@ -2,9 +2,15 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup system-packages demo test lint bench clean
 
-setup: .setup.stamp
+setup: system-packages .setup.stamp
+
+# prometheus, promtool, alertmanager, amtool, kubectl, openssl, node, npm for the tests and
+# `gradmon demo --with-prometheus`: installed with apt-get when missing and this runs as
+# root; otherwise it prints the exact command (and the tests that need them skip, saying so).
+system-packages:
+	$(PYTHON) scripts/system_packages.py
 
 # torch==2.13.0 first: on these machines it is a CPU wheel on local disk; a bare `torch`
 # requirement could pull a multi-GB CUDA build.

@@ -45,6 +45,8 @@ def _check_regex(value: str | None) -> str | None:
 
 
 class CollectConfig(_Section):
+    """What is measured, how often, and with which kernel."""
+
     every_n_steps: int = Field(1, ge=1, description="statistics on every n-th optimizer step")
     include: str | None = Field(None, description="regex on layer names; null = all")
     exclude: str | None = Field(None, description="regex on layer names to leave out")
@@ -54,7 +56,12 @@ class CollectConfig(_Section):
         "of collect.depth components (`encoder.layers.3`)",
     )
     depth: int = Field(2, ge=1, description="module-path components kept when granularity is depth")
-    backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
+    backend: Literal["auto", "torch", "cpu", "triton"] = Field(
+        "auto",
+        description="statistics kernel: auto (the C kernel for CPU grads, Triton for CUDA grads "
+        "when it imports, else torch), or one of them; a backend that cannot run is an error "
+        "naming this key",
+    )
     update_ratio_every: int = Field(
         0,
         ge=0,
@@ -90,23 +97,41 @@ class CollectConfig(_Section):
 
 
 class TLSConfig(_Section):
-    certfile: str | None = None
-    keyfile: str | None = None
-    client_cafile: str | None = None
+    """HTTPS for /metrics (SECURITY.md)."""
+
+    certfile: str | None = Field(
+        None, description="PEM certificate (chain) of the server; set with keyfile for HTTPS"
+    )
+    keyfile: str | None = Field(None, description="PEM private key of certfile")
+    client_cafile: str | None = Field(
+        None,
+        description="mutual TLS: only clients with a certificate signed by this CA are served",
+    )
 
 
 class BasicAuthConfig(_Section):
-    username: str | None = None
-    password_file: str | None = None
+    """HTTP basic auth for /metrics (SECURITY.md)."""
+
+    username: str | None = Field(None, description="the user scrapers must send; null = off")
+    password_file: str | None = Field(
+        None, description="a file holding the password (one line), read once at attach()"
+    )
 
 
 class ExporterConfig(_Section):
-    enabled: bool = True
-    addr: str = "127.0.0.1"
+    """The /metrics HTTP endpoint of the training process."""
+
+    enabled: bool = Field(True, description="serve /metrics; false = no server (snapshots only)")
+    addr: str = Field(
+        "127.0.0.1",
+        description="address to listen on; 0.0.0.0 (every interface) only when asked for",
+    )
     port: int = Field(
         9400, ge=0, le=65535, description="0 = ephemeral; each rank uses port + local_rank"
     )
-    per_layer: bool = True
+    per_layer: bool = Field(
+        True, description="export the per-layer families; false = run-level families only"
+    )
     per_layer_ranks: Literal["auto", "first", "all"] = Field(
         "auto",
         description="which ranks export the per-layer families when world size > 1: auto "
@@ -115,7 +140,12 @@ class ExporterConfig(_Section):
         "first (rank 0 only, every layer whole: exact for replicas such as DDP), all (every "
         "rank its own view: replicas add up more than once)",
     )
-    max_layers: int = Field(512, ge=1)
+    max_layers: int = Field(
+        512,
+        ge=1,
+        description="per-layer families for at most this many layers (in model order), with "
+        "a warning naming the first layer left out; statistics and health cover every layer",
+    )
     max_scrapes_per_second: float = Field(
         10.0,
         ge=0,
@@ -252,6 +282,8 @@ class RecordConfig(_SinkSection):
 
 
 class Config(_Section):
+    """The whole gradmon configuration: collect, exporter, health, tensorboard, record."""
+
     run_id: str | None = Field(None, description="identity of the run in gradmon_info")
     collect: CollectConfig = Field(default_factory=CollectConfig)
     exporter: ExporterConfig = Field(default_factory=ExporterConfig)

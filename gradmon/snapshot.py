@@ -62,6 +62,8 @@ class ActivationStats:
 
 @dataclass(frozen=True, slots=True)
 class Anomaly:
+    """One health event: a layer (or "global") broke the rule `kind` at `step`."""
+
     layer: str
     kind: AnomalyKind
     value: float  # the value that broke the rule (norm, rms, count, ratio...)

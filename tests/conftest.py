@@ -32,6 +32,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"CI is set, so this may not skip: {reason}"
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # Skips for a missing system program (their reasons name the apt-get package): say
+    # once, after -ra's list, how to get them all.
+    missing = [
+        r for r in terminalreporter.stats.get("skipped", []) if "apt-get install" in str(r.longrepr)
+    ]
+    if missing:
+        terminalreporter.write_sep("=", "system packages")
+        terminalreporter.write_line(
+            f"{len(missing)} test(s) skipped for a missing system program (reasons below): "
+            "`make setup` installs them when run as root with apt-get; "
+            "`python3 scripts/system_packages.py --check` prints the command otherwise"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _clean_gradmon_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # The agent reads GRADMON_* when loading config; a developer's shell must not leak in.

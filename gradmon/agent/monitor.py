@@ -186,6 +186,7 @@ class Monitor:
 
     @property
     def closed(self) -> bool:
+        """Whether close() has run."""
         return self._closed
 
     @property
@@ -202,11 +203,15 @@ class Monitor:
 
     @property
     def registry(self) -> CollectorRegistry:
+        """The prometheus_client registry holding this monitor's families (the one given
+        to attach(registry=...), or its own)."""
         assert self._exposure is not None  # set in the constructor
         return self._exposure.registry
 
     @property
     def layer_names(self) -> list[str]:
+        """The monitored layers' names, in model order (parameters, modules or depth
+        groups, after collect.include/exclude)."""
         return list(self._index.layer_names)
 
     # ------------------------------------------------------------- lifecycle

@@ -2,7 +2,7 @@
 
 The one source that the collector (which serves the families), the alert rules and the
 dashboards (which query them) import, so a renamed metric or label cannot leave a rule or
-a panel selecting nothing. Names and types are fixed by DESIGN.md ("Metrics").
+a panel selecting nothing. docs/reference.md ("Metrics") is generated from it.
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ def recording_rules(options: RuleOptions | None = None) -> list[dict[str, Any]]:
 
 
 def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict[str, Any]]:
-    """The alerts of DESIGN.md, thresholds from `config.health`."""
+    """The alerts (docs/reference.md, "Alerts"), thresholds from `config.health`."""
     o = options or RuleOptions()
     h = config.health
     run = ", ".join(o.run_labels)

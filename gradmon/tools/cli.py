@@ -26,6 +26,7 @@ def _demo(args: argparse.Namespace) -> int:
         step_delay=args.step_delay,
         with_prometheus=args.with_prometheus,
         hold=args.hold,
+        alert_wait=args.alert_wait,
     )
     return 0 if result.steps else 1
 
@@ -198,7 +199,8 @@ def _add_demo(sub: Subparsers) -> None:
         "--with-prometheus",
         action="store_true",
         help="run a local Prometheus + Alertmanager (127.0.0.1) beside the run: 1 s scrapes, "
-        "the shipped alert rules, alerts delivered to a webhook that prints them",
+        "the production alert rules with every `for` and window 60x shorter (printed), "
+        "alerts delivered to a webhook that prints them",
     )
     demo.add_argument(
         "--step-delay",
@@ -206,7 +208,15 @@ def _add_demo(sub: Subparsers) -> None:
         default=None,
         metavar="SECONDS",
         help="each step lasts at least this long (default: no pacing; with "
-        "--with-prometheus the run is spread over about 2 minutes)",
+        "--with-prometheus the run is spread over about 45 s)",
+    )
+    demo.add_argument(
+        "--alert-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --with-prometheus: after the last step, wait up to this long for "
+        "Alertmanager to deliver the scenario's alert",
     )
     demo.add_argument(
         "--hold",

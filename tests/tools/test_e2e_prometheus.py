@@ -459,32 +459,41 @@ def test_every_dashboard_panel_returns_data(
 
 
 # ----------------------------------------------------- the CLI's own local stack
+# `gradmon demo --with-prometheus --scenario S`, as a user runs it: its own stack with the
+# demo rules (production rules, windows 60x shorter); the scenario's alert is delivered
+# before the demo ends. Short unpaced-ish runs: the demo waits (--alert-wait) for the
+# delivery after its last step, the exporter still serving the run's last state.
+CLI_RUNS = {
+    # scenario: (steps, the alert, the line that says when the production rule would fire)
+    "exploding": (25, "GradmonExplodingGradients", "for 5s (production 5m)"),
+    "nonfinite": (25, "GradmonNonFiniteGradients", "for 1s (production 1m)"),
+}
+
+
 @pytest.mark.slow
-def test_cli_demo_with_prometheus(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("scenario", sorted(CLI_RUNS))
+def test_cli_demo_with_prometheus_delivers_the_scenarios_alert(
+    scenario: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     _binaries()
+    steps, alert, scaled = CLI_RUNS[scenario]
     before = _stack_processes()
-    code = cli_main(
-        [
-            "demo",
-            "--scenario",
-            "nonfinite",
-            "--steps",
-            "30",
-            "--port",
-            "0",
-            "--no-live",
-            "--with-prometheus",
-            "--step-delay",
-            str(STEP_DELAY),
-        ]
-    )
+    argv = ["demo", "--scenario", scenario, "--steps", str(steps), "--port", "0"]
+    argv += ["--no-live", "--with-prometheus", "--step-delay", str(STEP_DELAY)]
+    code = cli_main([*argv, "--alert-wait", str(DELIVERY_WAIT)])
     out = capsys.readouterr().out
     assert code == 0, out
     prometheus = re.search(r"Prometheus: +(http://127\.0\.0\.1:\d+/(classic/)?alerts)", out)
     alertmanager = re.search(r"Alertmanager: +(http://127\.0\.0\.1:\d+)/#/alerts", out)
     assert prometheus and alertmanager, out
-    assert "rules " + str(REPO / "deploy/prometheus/rules/gradmon.rules.yml") in out
-    assert "[nonfinite] step 30/30" in out
+    # It says that its rules are time-scaled, and how production's differ.
+    assert "every `for` and range window 60x shorter" in out, out
+    assert re.search(rf"^  {alert} +{re.escape(scaled)}", out, re.M), out
+    assert f"this scenario should fire {alert}" in out
+    assert f"[{scenario}] step {steps}/{steps}" in out
+    # Delivered by Alertmanager while the demo ran, and said so in the summary.
+    assert f"alertmanager -> webhook: [firing] {alert}: " in out, out
+    assert re.search(rf"^  alert {alert} \(critical\): \w.*, delivered by Alertmanager", out, re.M)
     # Stopped with the run: nothing listens any more, no process is left.
     with pytest.raises(LocalStackError):
         http_json(f"{alertmanager.group(1)}/-/ready", timeout=1)

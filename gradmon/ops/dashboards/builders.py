@@ -271,4 +271,10 @@ def dashboard(
             every_panel.extend(panel.panels)
     for panel_id, panel in enumerate(every_panel, start=1):
         panel.id_val = panel_id
+    # The SDK gives every variable the interval variables' auto/auto_count/auto_min, which
+    # Grafana's own VariableModel (@grafana/schema) does not have: keep them off the others
+    # (tests/ops/test_dashboard_types.py).
+    for variable in dashboard.templating.list_val or []:
+        if variable.type_val != "interval":
+            variable.auto = variable.auto_count = variable.auto_min = None
     return dashboard

@@ -12,6 +12,7 @@ import torch
 
 import gradmon
 from gradmon.snapshot import Snapshot
+from gradmon.tools.demo.alerts import AlertSeen, AlertWatch
 from gradmon.tools.demo.scenarios import Scenario
 
 __all__ = ["DemoResult", "Progress", "train"]
@@ -28,6 +29,9 @@ class DemoResult:
     seconds: float
     initial_loss: float = math.nan
     first_detection: dict[str, int] = field(default_factory=dict)  # kind -> first step
+    # with_prometheus: the run's alerts as Prometheus/Alertmanager saw them, by name
+    alerts: dict[str, AlertSeen] = field(default_factory=dict)
+    watched: bool = False  # whether alerts were watched (with_prometheus)
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Progress:
     detected: dict[str, set[str]] = field(default_factory=dict)
     first: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    watch: AlertWatch | None = None  # with_prometheus: the run's alerts
 
     def record(self, step: int, loss: float, snap: Snapshot | None) -> None:
         if step == 0:
@@ -71,6 +76,8 @@ class Progress:
             seconds=seconds,
             initial_loss=self.initial_loss,
             first_detection=self.first,
+            alerts=self.watch.seen() if self.watch is not None else {},
+            watched=self.watch is not None,
         )
 
 

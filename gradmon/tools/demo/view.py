@@ -8,13 +8,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from gradmon.snapshot import ANOMALY_KINDS
+from gradmon.tools.demo.alerts import AlertSeen, AlertWatch
 from gradmon.tools.demo.loop import DemoResult, Progress
+from gradmon.tools.demo.rules import EXPECTED_ALERTS
 from gradmon.tools.demo.scenarios import DESCRIPTIONS
 
 __all__ = ["line", "render", "shown", "summary"]
@@ -47,9 +49,11 @@ def shown(progress: Progress, live: bool) -> Iterator[Callable[[bool], None]]:
         flush=True,
     )
     every = max(1, progress.steps // PRINT_LINES)
+    printed = [-1]  # the step of the last line: after the run, show() may come again
 
     def report(final: bool) -> None:
-        if final or progress.step % every == 0:
+        if (final or progress.step % every == 0) and progress.step != printed[0]:
+            printed[0] = progress.step
             print(line(progress), flush=True)
 
     yield report
@@ -60,10 +64,43 @@ def line(progress: Progress) -> str:
     p = progress
     norm = p.snapshot.global_norm if p.snapshot is not None else math.nan
     events = ", ".join(f"{k} {n}" for k, n in p.counts.items()) or "none"
+    alerts = ""
+    if p.watch is not None:
+        shown = [
+            f"{a.name} {_state(a)}" + (" (delivered)" if a.delivered_after is not None else "")
+            for a in p.watch.seen().values()
+        ]
+        alerts = f"  alerts: {', '.join(shown) or 'none'}"
     return (
         f"[{p.scenario}] step {p.step}/{p.steps}  loss {p.loss:.4g}  "
-        f"grad norm {norm:.3g}  events: {events}"
+        f"grad norm {norm:.3g}  events: {events}{alerts}"
     )
+
+
+def _state(alert: AlertSeen) -> str:
+    """ "firing", "firing x3" (three alerts of the rule: layers), "pending", "inactive"."""
+    return f"{alert.state} x{alert.firing}" if alert.firing > 1 else alert.state
+
+
+def _alerts_table(watch: AlertWatch) -> Table:
+    """The run's alerts in the local Prometheus (demo rules) and their delivery."""
+    table = Table(title="alerts (local Prometheus, demo rules)", title_justify="left")
+    table.add_column("alert")
+    table.add_column("severity")
+    table.add_column("state")
+    table.add_column("Alertmanager -> webhook")
+    style = {"pending": "yellow", "firing": "bold red", "inactive": "dim"}
+    for a in sorted(watch.seen().values(), key=lambda a: a.name):
+        if a.delivered_after is not None:
+            delivery = f"delivered at {a.delivered_after:.1f} s"
+        else:
+            delivery = "not yet" if watch.sees_deliveries else "(not watched)"
+        table.add_row(a.name, a.severity, Text(_state(a), style=style.get(a.state, "")), delivery)
+    if table.row_count == 0:
+        table.add_row(Text("none pending or firing", style="green"), "", "", "")
+    if watch.error:
+        table.caption = f"Prometheus: {watch.error}"
+    return table
 
 
 def render(progress: Progress) -> Group:
@@ -99,7 +136,15 @@ def render(progress: Progress) -> Group:
         names = sorted(p.detected.get(kind, ()))
         shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
         events.add_row(kind, Text(str(n), style="bold red" if n else "green"), shown)
-    return Group(head, Text(DESCRIPTIONS[p.scenario], style="dim"), layers, events)
+    parts: list[RenderableType] = [
+        head,
+        Text(DESCRIPTIONS[p.scenario], style="dim"),
+        layers,
+        events,
+    ]
+    if p.watch is not None:
+        parts.append(_alerts_table(p.watch))
+    return Group(*parts)
 
 
 def summary(result: DemoResult) -> str:
@@ -121,4 +166,26 @@ def summary(result: DemoResult) -> str:
             f"  {kind}: {result.anomaly_counts[kind]} events in {len(layers)} layer(s){since}: "
             f"{shown}"
         )
+    if result.watched:
+        lines.extend(_alert_lines(result))
     return "\n".join(lines)
+
+
+def _alert_lines(result: DemoResult) -> list[str]:
+    """The run's alerts: the one the scenario should fire first, delivered or not."""
+    expected = EXPECTED_ALERTS.get(result.scenario)
+    if not result.alerts:
+        return [f"  alerts: none{f' ({expected} did not fire)' if expected else ''}"]
+    out = []
+    order = sorted(result.alerts.values(), key=lambda a: (a.name != expected, a.name))
+    for a in order:
+        if a.delivered_after is not None:
+            delivered = f"delivered by Alertmanager {a.delivered_after:.1f} s into the run"
+        elif a.fired:
+            delivered = "not delivered (inhibited, or the run ended first)"
+        else:
+            delivered = "was pending, never fired"
+        out.append(f"  alert {a.name} ({a.severity or '?'}): {_state(a)}, {delivered}")
+    if expected and expected not in result.alerts:
+        out.append(f"  alert {expected}: did not fire")
+    return out
