@@ -6,9 +6,10 @@ PIP := $(PYTHON) -m pip
 
 setup: system-packages .setup.stamp
 
-# prometheus, promtool, alertmanager, amtool, kubectl, openssl, node, npm for the tests and
-# `gradmon demo --with-prometheus`: installed with apt-get when missing and this runs as
-# root; otherwise it prints the exact command (and the tests that need them skip, saying so).
+# prometheus, promtool, alertmanager, amtool, kubectl, openssl, node, npm, pushgateway for
+# the tests and `gradmon demo --with-prometheus`: installed with apt-get when missing and
+# this runs as root; otherwise it prints the exact command (and the tests that need them
+# skip, saying so).
 system-packages:
 	$(PYTHON) scripts/system_packages.py
 

@@ -112,10 +112,77 @@ class TLSConfig(_Section):
 class BasicAuthConfig(_Section):
     """HTTP basic auth for /metrics (SECURITY.md)."""
 
-    username: str | None = Field(None, description="the user scrapers must send; null = off")
+    username: str | None = Field(
+        None,
+        description="the user name (sent by scrapers of /metrics; by the agent to the "
+        "Pushgateway under exporter.push); null = off",
+    )
     password_file: str | None = Field(
         None, description="a file holding the password (one line), read once at attach()"
     )
+
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class PushTLSConfig(_Section):
+    """HTTPS to the Pushgateway (the client side of exporter.tls)."""
+
+    cafile: str | None = Field(
+        None,
+        description="PEM CA bundle that signed the Pushgateway's certificate; null = the system's",
+    )
+    certfile: str | None = Field(
+        None, description="mutual TLS: the client certificate shown to the Pushgateway"
+    )
+    keyfile: str | None = Field(None, description="PEM private key of certfile")
+
+
+class PushConfig(_Section):
+    """Push the same families to a Prometheus Pushgateway, for jobs that cannot be scraped
+    (batch, SLURM, preemptible): gradmon/export/push.py."""
+
+    url: str | None = Field(
+        None,
+        description="the Pushgateway, e.g. http://pushgateway:9091; null = no pushing",
+    )
+    interval_seconds: float = Field(
+        15.0, gt=0, description="push every this many seconds, from a background thread"
+    )
+    job: str = Field(
+        "gradmon",
+        min_length=1,
+        description="the `job` label of the pushed group (the shipped rules select "
+        'job=~"gradmon.*")',
+    )
+    grouping: dict[str, str] = Field(
+        default_factory=dict,
+        description="more grouping labels (e.g. run: $SLURM_JOB_ID), added to `instance` "
+        "(this host's name) and, under several ranks, `rank`",
+    )
+    timeout_seconds: float = Field(5.0, gt=0, description="one push waits at most this long")
+    tls: PushTLSConfig = Field(default_factory=PushTLSConfig)
+    basic_auth: BasicAuthConfig = Field(default_factory=BasicAuthConfig)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("grouping")
+    @classmethod
+    def _label_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, label in value.items():
+            if not _LABEL_NAME.match(name) or name.startswith("__") or name == "job":
+                raise ValueError(
+                    f"{name!r} is not a grouping label name (letters, digits, _; not job, "
+                    "not starting with __)"
+                )
+            if not label:
+                raise ValueError(f"grouping label {name!r} has an empty value")
+        return value
 
 
 class ExporterConfig(_Section):
@@ -154,6 +221,7 @@ class ExporterConfig(_Section):
     )
     tls: TLSConfig = Field(default_factory=TLSConfig)
     basic_auth: BasicAuthConfig = Field(default_factory=BasicAuthConfig)
+    push: PushConfig = Field(default_factory=PushConfig)
 
 
 class HealthConfig(_Section):

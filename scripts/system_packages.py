@@ -58,6 +58,12 @@ NEEDS: tuple[Need, ...] = (
     # (npm ci in tests/ops/grafana_types on its first run).
     Need(("node",), "nodejs", "dashboards checked against Grafana's published types (tsc)"),
     Need(("npm",), "npm", "installs @grafana/schema and typescript for that check"),
+    # Debian installs it as `prometheus-pushgateway`; upstream calls it `pushgateway`.
+    Need(
+        ("pushgateway", "prometheus-pushgateway"),
+        "prometheus-pushgateway",
+        "exporter.push end to end (tests/test_push.py)",
+    ),
 )
 
 APT_INSTALL = ("apt-get", "install", "-y", "-qq", "--no-install-recommends")

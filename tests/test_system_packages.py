@@ -35,7 +35,8 @@ def test_every_program_the_tests_look_for_is_listed() -> None:
 
 def test_missing_programs_give_their_packages_once_in_order() -> None:
     sp = _module()
-    plan = sp.plan(_which({"kubectl", "openssl", "node", "npm", "apt-get"}), is_root=False)
+    present = {"kubectl", "openssl", "node", "npm", "prometheus-pushgateway", "apt-get"}
+    plan = sp.plan(_which(present), is_root=False)
     assert plan.packages == ("prometheus", "prometheus-alertmanager")
     assert not plan.can_install
     assert plan.command == (
@@ -43,7 +44,7 @@ def test_missing_programs_give_their_packages_once_in_order() -> None:
     )
     # Debian's binary name for Alertmanager counts.
     debian = {"prometheus", "promtool", "prometheus-alertmanager", "amtool", "kubectl", "openssl"}
-    debian |= {"node", "npm"}
+    debian |= {"node", "npm", "prometheus-pushgateway"}
     assert sp.plan(_which(debian), is_root=False).missing == ()
 
 

@@ -24,6 +24,7 @@ from gradmon.errors import GradmonError
 __all__ = [
     "dtensor_type",
     "is_dtensor",
+    "launch_rank",
     "local_rank",
     "local_tensor",
     "metrics_port",
@@ -51,6 +52,28 @@ def process_rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
+
+
+# (rank, world size) variables of the launchers, in order: torchrun, SLURM's srun.
+_LAUNCH_VARS = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
+
+
+def launch_rank() -> int | None:
+    """The global rank, also before a process group exists: the group's, else the one
+    the launcher set ($RANK with $WORLD_SIZE > 1, or SLURM's $SLURM_PROCID with
+    $SLURM_NTASKS > 1), else None (one process). exporter.push groups by it from the
+    first push on, which usually comes before init_process_group()."""
+    rank = rank_label()
+    if rank is not None:
+        return rank
+    for rank_var, size_var in _LAUNCH_VARS:
+        try:
+            value, size = int(os.environ[rank_var]), int(os.environ[size_var])
+        except (KeyError, ValueError):
+            continue
+        if size > 1 and 0 <= value < size:
+            return value
+    return None
 
 
 def local_rank() -> int:

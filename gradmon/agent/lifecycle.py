@@ -4,7 +4,8 @@
   listening socket, but none of its threads. There the monitor is made inert and the
   socket copy closed (`Monitor.after_fork_in_child`): the child collects nothing,
   serves nothing, and the parent's close() frees the port while workers still run.
-- exit: monitors still open are closed (hooks removed, sinks flushed, server stopped).
+- exit: monitors still open are closed (hooks removed, sinks flushed, server stopped);
+  `exiting_after_exception()` tells them whether the process is dying of an exception.
   Every thread of the agent is a daemon thread, so none keeps the process alive.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 import weakref
 from typing import Protocol
 
@@ -39,7 +41,20 @@ def _after_fork_in_child() -> None:
             monitor.after_fork_in_child()
 
 
+_exiting = False
+
+
+def exiting_after_exception() -> bool:
+    """Whether the interpreter is exiting because an exception went unhandled (Python
+    keeps it in sys.last_exc / sys.last_value): a run that died, not one that finished."""
+    return _exiting and (
+        getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None
+    )
+
+
 def _close_all() -> None:
+    global _exiting
+    _exiting = True
     for monitor in list(_live):
         with contextlib.suppress(Exception):
             monitor.close()

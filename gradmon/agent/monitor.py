@@ -23,7 +23,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from gradmon.agent import lifecycle
+from gradmon.agent import distributed, lifecycle
 from gradmon.agent.collect import PartialsCollector
 from gradmon.agent.counters import Counters, checked_scalars
 from gradmon.agent.exposure import Exposure, Sources
@@ -38,6 +38,7 @@ from gradmon.agent.publish import Publisher
 from gradmon.agent.steps import Steps
 from gradmon.config import Config, load_config
 from gradmon.errors import GradmonError
+from gradmon.export.push import Pusher
 from gradmon.health import HealthRules
 from gradmon.sinks import Sink, build_sinks
 from gradmon.snapshot import Anomaly, Snapshot
@@ -66,6 +67,7 @@ class Monitor:
     _features: Sequence[Feature] = ()
     _sinks: Sequence[Sink] = ()
     _exposure: Exposure | None = None
+    _pusher: Pusher | None = None
 
     def __init__(
         self,
@@ -122,7 +124,15 @@ class Monitor:
             sources = Sources(
                 run_id, counters, self._steps, index, self._features, scaler, placement
             )
-            self._exposure = Exposure(cfg, sources, registry)
+            self._exposure = exposure = Exposure(cfg, sources, registry)
+            if cfg.exporter.push.url is not None:
+                # The same families, pushed to a Pushgateway from a thread (export/push.py).
+                self._pusher = Pusher(
+                    cfg.exporter.push,
+                    exposure.registry,
+                    rank=distributed.launch_rank,
+                    on_error=counters.count,
+                )
         except BaseException:
             self.close()
             raise
@@ -139,6 +149,8 @@ class Monitor:
             self._pipeline.after_fork_in_child()
         self._counters.after_fork()
         self._remove_hooks()
+        if self._pusher is not None:
+            self._pusher.drop()
         if self._exposure is not None:
             self._exposure.close_in_child()
 
@@ -237,6 +249,10 @@ class Monitor:
         finally:
             if acquired and lock is not None:
                 lock.release()
+        if self._pusher is not None:
+            # The last push: gradmon_run_finished 1 unless the process dies of an exception.
+            self._pusher.failed |= lifecycle.exiting_after_exception()
+            self._pusher.close()
         if self._exposure is not None:
             self._exposure.close()
 
@@ -250,6 +266,8 @@ class Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc and exc[0] is not None and self._pusher is not None:
+            self._pusher.failed = True  # the with-block ended in an exception: not finished
         self.close()
 
     def __del__(self) -> None:

@@ -43,7 +43,10 @@ __all__ = [
     "NONFINITE_ORIGIN",
     "NONFINITE_STEPS",
     "PARAM_NORM",
+    "PUSH_FAMILIES",
+    "PUSH_INTERVAL",
     "RANK",
+    "RUN_FINISHED",
     "RUN_ID",
     "SCALAR",
     "SKIPPED_STEPS",
@@ -57,7 +60,7 @@ __all__ = [
 ]
 
 # Stages of gradmon_agent_errors_total{stage}: every one is exported from 0.
-AGENT_STAGES = ("hook", "collect", "publish", "scaler", "sink", "export", "callback")
+AGENT_STAGES = ("hook", "collect", "publish", "scaler", "sink", "export", "callback", "push")
 
 # Label names.
 LAYER = "layer"  # a parameter, module or depth-group name; a module name on activations
@@ -245,6 +248,18 @@ ACTIVATION_NONFINITE = Family(
     (LAYER,),
 )
 ACTIVATION_GAUGES = (ACTIVATION_RMS, ACTIVATION_MEAN, ACTIVATION_ZERO_RATIO)
+
+# Only in what exporter.push sends to a Pushgateway (gradmon/export/push.py), beside the
+# families below: what the stale-push alert needs to tell a dead run from a finished one.
+PUSH_INTERVAL = Family(
+    "gradmon_push_interval_seconds", "gauge", "exporter.push.interval_seconds of the pushing run."
+)
+RUN_FINISHED = Family(
+    "gradmon_run_finished",
+    "gauge",
+    "1 in the last push of a run that ended cleanly (Monitor.close()), else 0.",
+)
+PUSH_FAMILIES = (PUSH_INTERVAL, RUN_FINISHED)
 
 # Every family the agent can serve, in the order a scrape shows them.
 FAMILIES = (

@@ -56,6 +56,7 @@ ALERT_NAMES = (
     "GradmonGradNormSpike",
     "GradmonDeadLayer",
     "GradmonLossScaleCollapse",
+    "GradmonPushStale",
 )
 
 # The widest ratio between neighbouring bounds of the global-norm histogram (half-decade
@@ -98,6 +99,10 @@ class RuleOptions:
     loss_scale_max_halvings: int = 10  # net halvings below the recent maximum
     loss_scale_window: str = "30m"
     loss_scale_for: str = "5m"
+    # exporter.push: a pushed run is stale after this many of its push intervals without a
+    # push (the interval is pushed with the metrics) and no clean finish.
+    push_stale_intervals: int = 3
+    push_stale_for: str = "1m"
     k8s_name: str = "gradmon"
     # kube-prometheus-stack's Prometheus selects PrometheusRules (and PodMonitors) whose
     # `release` label is the Helm release name; "kube-prometheus-stack" is the usual one.
@@ -125,6 +130,7 @@ class RuleOptions:
             "spike_for",
             "loss_scale_window",
             "loss_scale_for",
+            "push_stale_for",
         ):
             value = getattr(self, name)
             if not isinstance(value, str) or not _DURATION.match(value):
@@ -145,6 +151,10 @@ class RuleOptions:
         if not (math.isfinite(self.loss_scale_floor) and self.loss_scale_floor > 0):
             raise GradmonError(
                 f"RuleOptions.loss_scale_floor: {self.loss_scale_floor!r} must be finite and > 0"
+            )
+        if self.push_stale_intervals < 1:
+            raise GradmonError(
+                f"RuleOptions.push_stale_intervals: {self.push_stale_intervals!r} must be >= 1"
             )
         if self.loss_scale_max_halvings < 1:
             raise GradmonError(
@@ -410,6 +420,24 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
             f"The GradScaler loss scale of {{{{ $labels.job }}}} is {value}: below {floor}, "
             f"or {o.loss_scale_max_halvings}+ net halvings below its maximum of the last "
             f"{o.loss_scale_window}. Steps are being skipped for inf/NaN gradients.",
+        ),
+        alert(
+            "GradmonPushStale",
+            # exporter.push: the Pushgateway keeps a dead run's last push for ever, and its
+            # push_time_seconds stops; a run that ended cleanly said so in its last push.
+            f"(time() - push_time_seconds{{{o.job_selector}}})\n"
+            f"  > {o.push_stale_intervals} * {schema.PUSH_INTERVAL.series}\n"
+            f"unless\n"
+            f"{schema.RUN_FINISHED.series} == 1",
+            o.push_stale_for,
+            "warning",
+            "{{ $labels.job }} on {{ $labels.instance }} stopped pushing",
+            "The gradmon agent of {{ $labels.job }} on {{ $labels.instance }} last pushed to "
+            "the Pushgateway {{ $value | humanizeDuration }} ago, more than "
+            f"{o.push_stale_intervals} of its push intervals, and its last push did not say "
+            "that the run finished: the job was killed, preempted or ran out of memory, "
+            "hangs, or cannot reach the Pushgateway. Delete its group from the Pushgateway "
+            "once handled.",
         ),
     ]
 

@@ -265,6 +265,10 @@ PRESENCE: dict[str, str] = {
     schema.LAYER_NONFINITE_STEPS.name: _LAYER_NOTE + " (from 0)",
     schema.NONFINITE_ORIGIN.name: "per layer (or module) that was the origin of NaN/Inf",
     **{f.name: _ACTIVATION_NOTE for f in (*schema.ACTIVATION_GAUGES, schema.ACTIVATION_NONFINITE)},
+    **{
+        f.name: "only in what `exporter.push` sends to a Pushgateway, not on /metrics"
+        for f in schema.PUSH_FAMILIES
+    },
 }
 
 
@@ -287,7 +291,7 @@ def _metrics() -> list[str]:
         "| series | type | labels | meaning | present |",
         "|---|---|---|---|---|",
     ]
-    for f in schema.FAMILIES:
+    for f in (*schema.FAMILIES, *schema.PUSH_FAMILIES):
         labels = ", ".join(f"`{label}`" for label in f.labels)
         lines.append(
             f"| `{f.series}` | {f.type} | {labels} | {_cell(f.help)} | {_cell(presence(f))} |"

@@ -56,7 +56,7 @@ def test_layer_gauges_name_a_statistic() -> None:
 
 
 def test_series_names_follow_prometheus_conventions() -> None:
-    for f in schema.FAMILIES:
+    for f in (*schema.FAMILIES, *schema.PUSH_FAMILIES):
         assert f.series.startswith("gradmon_"), f.name
         assert f.series.endswith("_total") == (f.type == "counter"), f.name
         assert not f.name.endswith("_total"), f.name  # prometheus_client adds it
@@ -70,7 +70,7 @@ def test_rules_select_only_schema_series() -> None:
     """Every metric name in an alert or recording rule is a series of the schema, a
     recording rule's own output, or `up`."""
     known = {"up"}
-    for f in schema.FAMILIES:
+    for f in (*schema.FAMILIES, *schema.PUSH_FAMILIES):
         known |= {f.series, f.bucket, f.sum, f.count} if f.type == "histogram" else {f.series}
     config = gradmon.Config()
     rules = [r for g in groups(config) for r in g["rules"]]

@@ -31,6 +31,8 @@ DESIGN_ALERTS = {
     "GradmonGradNormSpike",
     "GradmonDeadLayer",
     "GradmonLossScaleCollapse",
+    # exporter.push (issue 15): not yet in /work/shared/DESIGN.md's list
+    "GradmonPushStale",
 }
 
 

@@ -18,6 +18,8 @@ The processes are stopped by `stop()`, the context manager, or at interpreter ex
 (atexit), whichever comes first: terminate, wait, kill.
 
 `WebhookReceiver` is an HTTP server on 127.0.0.1 that collects the JSON Alertmanager POSTs.
+`Pushgateway` runs a Pushgateway (exporter.push) that Prometheus scrapes when its address
+is given as `LocalStack(pushgateways=[...])` (job `pushgateway`, honor_labels: true).
 """
 
 from gradmon.tools.localstack.common import (
@@ -28,6 +30,7 @@ from gradmon.tools.localstack.common import (
     find_binary,
     http_json,
 )
+from gradmon.tools.localstack.pushgateway import Pushgateway
 from gradmon.tools.localstack.stack import LocalStack
 from gradmon.tools.localstack.webhook import WebhookReceiver
 
@@ -36,6 +39,7 @@ __all__ = [
     "LocalStack",
     "LocalStackError",
     "MissingBinaryError",
+    "Pushgateway",
     "Target",
     "WebhookReceiver",
     "find_binary",

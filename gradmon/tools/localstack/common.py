@@ -31,6 +31,7 @@ LOOPBACK = "127.0.0.1"
 _BINARIES: dict[str, tuple[tuple[str, ...], str]] = {
     "prometheus": (("prometheus",), "prometheus"),
     "alertmanager": (("alertmanager", "prometheus-alertmanager"), "prometheus-alertmanager"),
+    "pushgateway": (("pushgateway", "prometheus-pushgateway"), "prometheus-pushgateway"),
 }
 
 STOP_TIMEOUT = 10.0  # seconds from SIGTERM to SIGKILL
@@ -57,7 +58,8 @@ class MissingBinaryError(LocalStackError):
 
 
 def find_binary(binary: str, path: str | os.PathLike[str] | None = None) -> str:
-    """The path of `prometheus` or `alertmanager`; MissingBinaryError names the package."""
+    """The path of `prometheus`, `alertmanager` or `pushgateway`; MissingBinaryError names
+    the package."""
     if binary not in _BINARIES:
         raise LocalStackError(f"unknown binary {binary!r}; one of {', '.join(_BINARIES)}")
     names, package = _BINARIES[binary]

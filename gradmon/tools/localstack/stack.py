@@ -56,7 +56,9 @@ class LocalStack(Served):
     rules_files: Prometheus rule files to load. targets: scrape targets at start (more with
     set_target). webhook_url: where Alertmanager sends every alert (None: nowhere; the
     alerts are still listed in its UI/API). inhibit_rules: Alertmanager inhibit_rules
-    (e.g. the shipped alertmanager.yml's). Intervals are seconds.
+    (e.g. the shipped alertmanager.yml's). pushgateways: `host:port`s scraped as job
+    `pushgateway` with honor_labels (the pushed job and grouping labels are kept).
+    Intervals are seconds.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class LocalStack(Served):
         group_by: Sequence[str] = ("alertname", "job"),
         inhibit_rules: Sequence[Mapping[str, Any]] = (),
         sample_limit: int = 6000,
+        pushgateways: Sequence[str] = (),
         prometheus_bin: str | os.PathLike[str] | None = None,
         alertmanager_bin: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
@@ -99,6 +102,9 @@ class LocalStack(Served):
         self.group_by = list(group_by)
         self.inhibit_rules = [dict(r) for r in inhibit_rules]
         self.sample_limit = sample_limit
+        for address in pushgateways:
+            _check_target(Target(address))
+        self.pushgateways = list(pushgateways)
         self._bins = (prometheus_bin, alertmanager_bin)
         self.startup_timeout = startup_timeout
         self.workdir: Path | None = None
@@ -194,7 +200,7 @@ class LocalStack(Served):
 
     def _start_prometheus(self, binary: str) -> None:
         assert self.workdir is not None and self.alertmanager_port is not None
-        config = {
+        config: dict[str, Any] = {
             "global": {
                 "scrape_interval": self.scrape_interval,
                 "scrape_timeout": self.scrape_interval,
@@ -217,6 +223,14 @@ class LocalStack(Served):
                 }
             ],
         }
+        if self.pushgateways:
+            config["scrape_configs"].append(
+                {
+                    "job_name": "pushgateway",
+                    "honor_labels": True,  # keep the pushed job/instance/grouping labels
+                    "static_configs": [{"targets": self.pushgateways}],
+                }
+            )
         path = self.workdir / "prometheus.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         (self.workdir / "prometheus").mkdir()
