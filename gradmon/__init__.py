@@ -14,9 +14,11 @@ from gradmon.version import __version__
 
 
 def __getattr__(name: str) -> Any:
-    """`gradmon.viz` without an explicit import (it loads matplotlib only when it draws)."""
-    if name == "viz":
-        return importlib.import_module("gradmon.viz")
+    """`gradmon.viz` and `gradmon.integrations` without an explicit import: loaded on first
+    use (viz loads matplotlib only when it draws; integrations' submodules import their
+    trainer only when they are imported)."""
+    if name in ("viz", "integrations"):
+        return importlib.import_module(f"gradmon.{name}")
     raise AttributeError(f"module 'gradmon' has no attribute {name!r}")
 
 

@@ -270,5 +270,6 @@ def test_viz_is_reached_from_the_package_without_an_import() -> None:
     import gradmon
 
     assert gradmon.viz.plot_record is viz.plot_record
+    assert gradmon.integrations.__name__ == "gradmon.integrations"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         gradmon.nothing  # noqa: B018
