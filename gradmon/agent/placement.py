@@ -125,6 +125,7 @@ def _covered_dims(root: Any, mesh: Any) -> frozenset[int]:
     flattening of several dimensions) reaches other ranks."""
     grid = root.mesh
     mine = root.get_coordinate()
+    # sync-ok: DeviceMesh.mesh is a CPU tensor of ranks, read at attach
     members = set(mesh.mesh.flatten().tolist())
     covered = set()
     for d in range(grid.ndim):
@@ -169,6 +170,7 @@ def _dtensor_layout(params: Sequence[torch.Tensor]) -> Layout:
         mesh = p.device_mesh  # type: ignore[attr-defined]
         if id(mesh) not in meshes:
             root = _root_mesh(mesh)
+            # sync-ok: DeviceMesh.mesh is a CPU tensor of ranks, read at attach
             key = (tuple(root.mesh.shape), tuple(root.mesh.flatten().tolist()))
             if key not in roots:
                 roots[key] = _Root(tuple(root.get_coordinate()), tuple(root.mesh.shape), set())

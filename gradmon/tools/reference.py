@@ -1,5 +1,5 @@
 """docs/reference.md, generated from the one sources: the public API (gradmon/__init__.py,
-gradmon.viz), the config keys (gradmon/config.py), the metric families
+gradmon.viz), the config keys (gradmon/config.py, config_sections.py), the metric families
 (gradmon/export/schema.py) and the alert and recording rules (gradmon/ops/rules.py).
 
     python -m gradmon.tools.reference --output docs/reference.md   # rewrite it
@@ -42,8 +42,8 @@ HEADER = """\
 edit by hand. tests/tools/test_reference.py fails when this page and the code disagree. -->
 
 Generated from the sources the code itself uses: the public API from `gradmon/__init__.py`
-and `gradmon.viz`, the configuration from the pydantic models in `gradmon/config.py`, the
-metrics from `gradmon/export/schema.py` (which the exporter, the rules and the dashboards
+and `gradmon.viz`, the configuration from the pydantic models in `gradmon/config.py` and
+`gradmon/config_sections.py`, the metrics from `gradmon/export/schema.py` (which the exporter, the rules and the dashboards
 import) and the alerts from `gradmon/ops/rules.py` with the default config (the source of
 `deploy/prometheus/rules/gradmon.rules.yml`; `gradmon rules --config FILE` renders them with
 yours). The README explains how the parts work together.
