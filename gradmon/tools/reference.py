@@ -44,9 +44,9 @@ edit by hand. tests/tools/test_reference.py fails when this page and the code di
 Generated from the sources the code itself uses: the public API from `gradmon/__init__.py`
 and `gradmon.viz`, the configuration from the pydantic models in `gradmon/config.py` and
 `gradmon/config_sections.py`, the metrics from `gradmon/export/schema.py` (which the
-exporter, the rules and the dashboards import) and the alerts from `gradmon/ops/rules.py` with the default config (the source of
-`deploy/prometheus/rules/gradmon.rules.yml`; `gradmon rules --config FILE` renders them with
-yours). The README explains how the parts work together.
+exporter, the rules and the dashboards import) and the alerts from `gradmon/ops/rules.py`
+with the default config (the source of `deploy/prometheus/rules/gradmon.rules.yml`;
+`gradmon rules --config FILE` renders them with yours). The README explains how the parts work together.
 """
 
 
