@@ -46,7 +46,8 @@ and `gradmon.viz`, the configuration from the pydantic models in `gradmon/config
 `gradmon/config_sections.py`, the metrics from `gradmon/export/schema.py` (which the
 exporter, the rules and the dashboards import) and the alerts from `gradmon/ops/rules.py`
 with the default config (the source of `deploy/prometheus/rules/gradmon.rules.yml`;
-`gradmon rules --config FILE` renders them with yours). The README explains how the parts work together.
+`gradmon rules --config FILE` renders them with yours). The README explains how the parts
+work together.
 """
 
 

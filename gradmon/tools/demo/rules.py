@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gradmon.config import Config
+from gradmon.ops.rule_options import is_duration, seconds
 from gradmon.ops.rules import RuleOptions, alert_rules, render
 
 __all__ = [
@@ -39,19 +40,12 @@ EXPECTED_ALERTS: dict[str, str] = {
     "dead": "GradmonDeadLayer",
 }
 
-_DURATION = re.compile(r"^(?:[0-9]+(?:ms|s|m|h|d|w|y))+$")
-_PART = re.compile(r"([0-9]+)(ms|s|m|h|d|w|y)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 # The durations an alert's expression selects: range windows and offsets.
 _EXPR_DURATIONS = re.compile(r"\[([0-9a-z]+)\]|offset ([0-9a-z]+)")
 
 
-def _seconds(duration: str) -> float:
-    return sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _PART.findall(duration))
-
-
-def _duration(seconds: float) -> str:
-    ms = max(1, round(seconds * 1000))
+def _duration(secs: float) -> str:
+    ms = max(1, round(secs * 1000))
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
@@ -64,9 +58,9 @@ def demo_options(
     if not (math.isfinite(scale) and scale >= 1):
         raise ValueError(f"scale must be a finite number >= 1, not {scale!r}")
     scaled: dict[str, Any] = {
-        f.name: _duration(max(minimum, _seconds(value) / scale))
+        f.name: _duration(max(minimum, seconds(value) / scale))
         for f in dataclasses.fields(base)
-        if isinstance(value := getattr(base, f.name), str) and _DURATION.match(value)
+        if is_duration(value := getattr(base, f.name))
     }
     return dataclasses.replace(base, **scaled)
 
