@@ -30,6 +30,19 @@ def registry() -> CollectorRegistry:
     return reg
 
 
+def connection_errors(registry: CollectorRegistry, reason: str, within: float = 10.0) -> float:
+    """gradmon_exporter_connection_errors_total{reason} once it is counted (the server's
+    thread counts it), or its value after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = registry.get_sample_value(
+            "gradmon_exporter_connection_errors_total", {"reason": reason}
+        )
+        if value or time.monotonic() > deadline:
+            return value or 0.0
+        time.sleep(0.05)
+
+
 def get(
     url: str, auth: tuple[str, str] | None = None, context: ssl.SSLContext | None = None
 ) -> int:
@@ -278,16 +291,7 @@ def test_a_client_reset_mid_request_is_counted(
         time.sleep(0.2)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()  # RST, not FIN
-        deadline = time.monotonic() + 10
-        value = None
-        while time.monotonic() < deadline:
-            value = registry.get_sample_value(
-                "gradmon_exporter_connection_errors_total", {"reason": "reset"}
-            )
-            if value:
-                break
-            time.sleep(0.05)
-        assert value == 1
+        assert connection_errors(registry, "reset") == 1
     finally:
         server.close()
     assert "Traceback" not in capfd.readouterr().err
@@ -306,16 +310,7 @@ def test_a_silent_client_is_counted_as_a_timeout(
     server = MetricsServer(ExporterConfig(port=0), 0, registry, client_timeout=0.3)
     try:
         with socket.create_connection(("127.0.0.1", server.port)):  # says nothing
-            deadline = time.monotonic() + 10
-            value = None
-            while time.monotonic() < deadline:
-                value = registry.get_sample_value(
-                    "gradmon_exporter_connection_errors_total", {"reason": "timeout"}
-                )
-                if value:
-                    break
-                time.sleep(0.05)
-            assert value == 1
+            assert connection_errors(registry, "timeout") == 1
     finally:
         server.close()
     assert "Traceback" not in capfd.readouterr().err
