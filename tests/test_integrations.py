@@ -4,6 +4,7 @@ on the CPU with the agent attached by the callbacks (skipped where a package is 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,17 +71,7 @@ def test_lightning_fit_attaches_collects_and_closes(tmp_path: Any) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     callback = Capturing(config=NO_EXPORTER)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[callback],
-    )
+    trainer = _trainer(pl, tmp_path, callback, max_steps=5)
     trainer.fit(Tiny(), loader)
 
     mon = callback.monitor
@@ -96,6 +87,27 @@ def test_lightning_fit_attaches_collects_and_closes(tmp_path: Any) -> None:
     assert snap.step == trainer.global_step - 1
     assert set(snap.layers) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
     assert snap.global_norm == pytest.approx(seen["grad_norm"], rel=1e-4)
+
+
+def _trainer(pl: Any, tmp_path: Path, callback: Any, max_steps: int, scaler: Any = None) -> Any:
+    """A quiet CPU Lightning Trainer with `callback`; fp16 mixed precision with `scaler`."""
+    plugins = []
+    if scaler is not None:
+        from lightning.pytorch.plugins import MixedPrecision
+
+        plugins.append(MixedPrecision("16-mixed", "cpu", scaler=scaler))
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[callback],
+        plugins=plugins,
+    )
 
 
 def test_lightning_callback_closes_on_exception(tmp_path: Any) -> None:
@@ -118,16 +130,7 @@ def test_lightning_callback_closes_on_exception(tmp_path: Any) -> None:
 
     data = torch.utils.data.TensorDataset(torch.randn(32, 4))
     callback = GradmonCallback(config=NO_EXPORTER)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[callback],
-    )
+    trainer = _trainer(pl, tmp_path, callback, max_steps=5)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(Failing(), torch.utils.data.DataLoader(data, batch_size=4))
     assert callback.monitor is not None and callback.monitor.closed
@@ -137,7 +140,6 @@ def test_lightning_callback_closes_on_exception(tmp_path: Any) -> None:
 
 def test_lightning_amp_scaler_attached_and_skips_counted(tmp_path: Any) -> None:
     pl = pytest.importorskip("lightning.pytorch")
-    from lightning.pytorch.plugins import MixedPrecision
 
     from gradmon.integrations.lightning import GradmonCallback
 
@@ -165,17 +167,7 @@ def test_lightning_amp_scaler_attached_and_skips_counted(tmp_path: Any) -> None:
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     callback = Capturing(config=NO_EXPORTER)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[callback],
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-    )
+    trainer = _trainer(pl, tmp_path, callback, max_steps=5, scaler=scaler)
     data = torch.utils.data.TensorDataset(torch.randn(64, 8))
     trainer.fit(Overflowing(), torch.utils.data.DataLoader(data, batch_size=8))
 
@@ -313,7 +305,6 @@ def test_lightning_fused_optimizer_under_16_mixed_reports_unscaled_grads(tmp_pat
     the skip is decided inside scaler.step(): the statistics must still be the unscaled
     grads' (no false `exploding`), and every skipped step counted."""
     pl = pytest.importorskip("lightning.pytorch")
-    from lightning.pytorch.plugins import MixedPrecision
 
     from gradmon.integrations.lightning import GradmonCallback
 
@@ -354,17 +345,7 @@ def test_lightning_fused_optimizer_under_16_mixed_reports_unscaled_grads(tmp_pat
             super().on_fit_end(trainer, pl_module)
 
     callback = Capturing(config={**NO_EXPORTER, "health": {"exploding_norm": 100.0}})
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[callback],
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-    )
+    trainer = _trainer(pl, tmp_path, callback, max_steps=4, scaler=scaler)
     data = torch.utils.data.TensorDataset(torch.randn(64, 8))
     trainer.fit(Fused(), torch.utils.data.DataLoader(data, batch_size=8))
 

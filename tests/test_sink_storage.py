@@ -35,12 +35,12 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from torch import nn
 
 import gradmon
 from gradmon.sinks import build_sinks
 from gradmon.sinks.record import read_record
 from tests.conftest import SmallNet
+from tests.test_faults import batches, step
 
 # Short stall/close bounds keep the hung-storage tests quick; the defaults are 5 s.
 FAST = {"stall_after": 0.5, "close_timeout": 1.0}
@@ -75,19 +75,6 @@ def bounded(fn: Callable[[], Any], what: str) -> Any:
     if errors:
         raise errors[0]
     return box[0]
-
-
-def batches(n: int) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randn(4, 8, generator=gen) for _ in range(n)]
-
-
-def step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
-    opt.zero_grad(set_to_none=True)
-    loss = model(x).pow(2).mean()
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
 
 
 class Run:
