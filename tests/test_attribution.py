@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 import gradmon
+from gradmon.agent.hooks import merge_order
 from gradmon.snapshot import Anomaly
 
 from . import readings
@@ -113,3 +115,16 @@ def test_anomaly_callbacks_get_each_collections_anomalies_and_a_failing_one_is_c
         assert not any(math.isinf(a.value) for a in seen[0])
         assert readings.errors(mon)["callback"] == 2  # each failure counted
         assert readings.steps(mon) == 3  # training went on
+
+
+def test_backward_order_learned_from_a_partial_backward_keeps_the_others_in_place() -> None:
+    """Conditional computation: a backward that reached only some parameters (MoE experts
+    without tokens) reorders those; the others keep their place after the last parameter
+    before them, in the order learned before, that this backward reached."""
+    learned = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 0.0])  # the last one never seen
+    noted = np.array([2.0, 0.0, 1.0, 0.0, 3.0, 0.0])  # 1 and 3 got no gradient this time
+    merged = merge_order(learned, noted)
+    assert list(np.argsort(merged, kind="stable")) == [5, 2, 0, 1, 3, 4]
+    assert merged[5] == 0 and merged[2] == 1 and merged[0] == 2 and merged[4] == 3
+    assert 2 < merged[1] < merged[3] < 3  # after parameter 0 (rank 2), before 4 (rank 3)
+    assert merge_order(np.zeros(3), np.array([3.0, 0.0, 1.0])).tolist() == [3.0, 0.0, 1.0]

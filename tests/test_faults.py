@@ -125,7 +125,7 @@ def test_hook_fault(
 ) -> None:
     model, _, want = twins
 
-    def broken(self: gather.Gatherer, arrival: list[int]) -> gather.Gathered:
+    def broken(self: gather.Gatherer) -> gather.Gathered:
         raise RuntimeError("injected hook fault")
 
     monkeypatch.setattr(gather.Gatherer, "gather", broken)

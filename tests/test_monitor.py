@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 import gradmon
 from gradmon import GradmonError
+from gradmon.agent.hooks import RELEARN_EVERY
 from gradmon.agent import collect as agent_collect
 from gradmon.agent import monitor as agent_monitor
 from gradmon.stats import Col, reference
@@ -86,17 +87,20 @@ def grad_hooks(model: nn.Module) -> int:
     return sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
 
 
-def test_gradient_hooks_only_for_the_backward_of_a_collected_step(net: SmallNet) -> None:
-    """every_n_steps: 3: autograd's per-parameter Python hook is paid in the backward of
-    collected steps only; what was collected is unchanged (the unused layer is told
-    apart from the used ones, and the statistics are those of that step's grads)."""
+def test_gradient_hooks_only_for_the_backwards_that_learn_the_order(net: SmallNet) -> None:
+    """every_n_steps: 3: autograd's per-parameter Python hook is paid only in the backward
+    of the first collected step and of every RELEARN_EVERY-th collection after it (they
+    learn the backward order, hooks.GradArrivals); what was collected is unchanged (the
+    unused layer is told apart from the used ones, and the statistics are those of that
+    step's grads)."""
     model = Branchy()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     config = {**NO_SERVER, "collect": {"every_n_steps": 3}}
     params = len(list(model.parameters()))
+    steps = 3 * RELEARN_EVERY + 2
     with gradmon.attach(model, opt, config=config) as mon:
         seen = []
-        for step in range(7):
+        for step in range(steps):
             seen.append(grad_hooks(model))  # during this step's backward
             opt.zero_grad(set_to_none=True)
             model(torch.randn(2, 4)).sum().backward()
@@ -107,8 +111,30 @@ def test_gradient_hooks_only_for_the_backward_of_a_collected_step(net: SmallNet)
             if step % 3 == 0:
                 assert snap.layers["used.weight"].norm == pytest.approx(want, rel=1e-6)
                 assert not snap.layers["unused.weight"].received
-        assert seen == [params if s % 3 == 0 else 0 for s in range(7)]
+        learning = {0, 3 * RELEARN_EVERY}
+        assert seen == [params if s in learning else 0 for s in range(steps)]
     assert grad_hooks(model) == 0
+
+
+def test_a_collection_with_nan_relearns_the_order_at_the_next() -> None:
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    params = len(list(model.parameters()))
+    healthy = {k: v.clone() for k, v in model.state_dict().items()}
+    with gradmon.attach(model, opt, config=NO_SERVER) as mon:
+        seen = []
+        for step in range(5):
+            seen.append(grad_hooks(model))
+            opt.zero_grad(set_to_none=True)
+            x = torch.randn(2, 4)
+            if step == 2:
+                x[0, 0] = float("nan")
+            model(x).sum().backward()
+            opt.step()
+            if step == 2:  # the NaN reached the weights (lr 0 * NaN): put them back
+                model.load_state_dict(healthy)
+        assert mon.snapshot() is not None
+    assert seen == [params, 0, 0, params, 0]
 
 
 class Branchy(nn.Module):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gradmon.agent.gather import Gathered, GroupKey
+from gradmon.agent.gather import Gathered, Group, GroupKey
 from gradmon.stats import NCOLS, Col, PartialsFn, partials_and_param_sum_squares, select_backend
 
 __all__ = ["Blocks", "PartialsCollector", "fill_implicit_zeros", "unscale_partials"]
@@ -80,19 +80,19 @@ class PartialsCollector:
         `guard("collect")`, left out of the snapshot rather than shown as zeros)."""
         blocks: Blocks = {}
         failed: set[int] = set()
-        for key, indices in gathered.groups.items():
-            failed.update(indices)
+        for key, group in gathered.groups.items():
+            failed.update(group.positions)
             with guard("collect"):
-                block = self._group_block(key, indices, gathered, grad_scale)
-                blocks.setdefault(block.device, []).append((block, indices))
-                failed.difference_update(indices)
+                block = self._group_block(key, group, gathered.viewed, grad_scale)
+                blocks.setdefault(block.device, []).append((block, group.positions))
+                failed.difference_update(group.positions)
         return blocks, failed
 
     def _group_block(
         self,
         key: GroupKey,
-        indices: list[int],
-        gathered: Gathered,
+        group: Group,
+        viewed: set[int],
         grad_scale: torch.Tensor | float | None,
     ) -> torch.Tensor:
         backend = self._backends.get(key)
@@ -100,14 +100,10 @@ class PartialsCollector:
             # Looked up at call time: `select_backend` of this module is the seam for tests.
             choose = self._choose or select_backend
             backend = self._backends[key] = choose(self._backend_name, *key)  # type: ignore[arg-type]
-        grads = [gathered.grads[i] for i in indices]
-        partials, param_sq = partials_and_param_sum_squares(
-            backend, grads, [gathered.weights[i] for i in indices]
-        )
+        partials, param_sq = partials_and_param_sum_squares(backend, group.grads, group.weights)
         # Sparse grads: their values leave out the (implicit) zero entries. Only a grad
         # that needed a view can be one: dense ones are not looked at.
-        viewed = gathered.viewed
-        implicit = dict(_implicit_zeros(indices, grads, self._numels, viewed)) if viewed else {}
+        implicit = dict(_implicit_zeros(group, self._numels, viewed)) if viewed else {}
         if implicit:
             partials = fill_implicit_zeros(partials, implicit)
         if grad_scale is not None:
@@ -116,9 +112,7 @@ class PartialsCollector:
         return torch.cat([partials, param_sq.unsqueeze(1).to(partials.device)], dim=1)
 
 
-def _implicit_zeros(
-    indices: list[int], grads: list[torch.Tensor], numels: list[int], viewed: set[int]
-) -> Iterator[tuple[int, int]]:
-    for row, (i, g) in enumerate(zip(indices, grads, strict=True)):
+def _implicit_zeros(group: Group, numels: list[int], viewed: set[int]) -> Iterator[tuple[int, int]]:
+    for row, (i, g) in enumerate(zip(group.positions, group.grads, strict=True)):
         if i in viewed and numels[i] != g.numel():
             yield row, numels[i] - g.numel()

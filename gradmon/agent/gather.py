@@ -15,7 +15,7 @@ from gradmon.agent import distributed
 from gradmon.agent.layers import LayerIndex, unwrap
 from gradmon.stats.torch import real_view
 
-__all__ = ["Gathered", "Gatherer", "grad_view"]
+__all__ = ["Gathered", "Gatherer", "Group", "grad_view"]
 
 log = logging.getLogger("gradmon")
 
@@ -43,22 +43,29 @@ def grad_view(grad: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
 
 
 @dataclass
-class Gathered:
-    """One collection's inputs, by parameter position."""
+class Group:
+    """The fresh gradients of one (device, dtype): parameter positions, the tensors the
+    statistics are taken over, and the weights (for parameter norms), index-aligned."""
 
-    fresh: list[bool]  # received a gradient since the last collection (and readable)
-    arrival: list[int]  # backward order of arrival: 0 = none noted by the hooks
-    grads: dict[int, torch.Tensor] = field(default_factory=dict)
-    weights: dict[int, torch.Tensor] = field(default_factory=dict)
-    groups: dict[GroupKey, list[int]] = field(default_factory=dict)
+    positions: list[int] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    weights: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Gathered:
+    """One collection's inputs."""
+
+    fresh: list[bool]  # by parameter position: received a gradient since the last one
+    groups: dict[GroupKey, Group] = field(default_factory=dict)
     viewed: set[int] = field(default_factory=set)  # through grad_view: sparse, complex, DTensor
 
     def by_layer(self, index: LayerIndex) -> dict[str, list[torch.Tensor]]:
         """The gradients per layer name (for the sinks' histograms)."""
         out: dict[str, list[torch.Tensor]] = {}
-        for members in self.groups.values():
-            for i in members:
-                out.setdefault(index.layer_of_param(i), []).append(self.grads[i])
+        for group in self.groups.values():
+            for i, grad in zip(group.positions, group.grads, strict=True):
+                out.setdefault(index.layer_of_param(i), []).append(grad)
         return out
 
 
@@ -95,18 +102,20 @@ class Gatherer:
             self._opt_param_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
             self._opt_param_count = _param_count(optimizer)
 
-    def gather(self, arrival: list[int]) -> Gathered:
-        """One pass over the parameters. Freshness: the hooks noted an arrival, or the grad
-        tensor or its version counter changed (grads written without autograd's
-        accumulation: sharded or manually set grads). Dense real grads of plain tensors
-        take the short path; anything else goes through `grad_view`."""
+    def gather(self) -> Gathered:
+        """One pass over the parameters. Fresh: the grad tensor or its version counter
+        changed since the last collection. Autograd's accumulation does one or the other
+        (it steals or creates a new grad, or adds in place), and so does any other writer
+        (sharded or manually set grads). Dense real grads of plain tensors take the short
+        path; anything else goes through `grad_view`."""
         self._check_new_parameters()
-        fresh = [False] * len(arrival)
-        out = Gathered(fresh=fresh, arrival=arrival)
-        grads, weights, groups = out.grads, out.weights, out.groups
+        fresh = [False] * len(self._last_grad)
+        out = Gathered(fresh=fresh)
+        groups = out.groups
         last, version = self._last_grad, self._last_version
-        plain, strided = self._plain, torch.strided
+        plain, strided, ref_of = self._plain, torch.strided, weakref.ref
         gone = 0
+        # The hot loop of a collection: one pass, each parameter's objects touched once.
         for i, ref in enumerate(self._index.param_refs):
             p = ref()
             if p is None:
@@ -117,21 +126,23 @@ class Gatherer:
                 last[i] = None
                 continue
             seen = last[i]
-            if not arrival[i] and seen is not None and seen() is g and g._version == version[i]:
+            if seen is not None and seen() is g and g._version == version[i]:
                 continue
-            last[i], version[i] = weakref.ref(g), g._version
-            if plain[i] and g.layout is strided and g.is_floating_point():
-                grads[i] = g
-                weights[i] = p  # read, never written: no detach needed
-            elif not self._special(i, p, g, out):
-                continue
+            last[i], version[i] = ref_of(g), g._version
+            weight: torch.Tensor = p  # read, never written: no detach needed
+            if not (plain[i] and g.layout is strided and g.is_floating_point()):
+                special = self._special(i, p, g, out)
+                if special is None:
+                    continue
+                g, weight = special
             fresh[i] = True
-            view = grads[i]
-            group = groups.get((view.device, view.dtype))
+            key = (g.device, g.dtype)
+            group = groups.get(key)
             if group is None:
-                groups[(view.device, view.dtype)] = [i]
-            else:
-                group.append(i)
+                group = groups[key] = Group()
+            group.positions.append(i)
+            group.grads.append(g)
+            group.weights.append(weight)
         if gone and not self._warned_gone:
             self._warned_gone = True
             log.warning(
@@ -143,18 +154,19 @@ class Gatherer:
             )
         return out
 
-    def _special(self, i: int, p: torch.Tensor, g: torch.Tensor, out: Gathered) -> bool:
-        """A DTensor, complex, sparse or unreadable grad: its view, or skipped (False)."""
+    def _special(
+        self, i: int, p: torch.Tensor, g: torch.Tensor, out: Gathered
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A DTensor, complex, sparse or unreadable grad: (its view, the weight's), or
+        None: skipped, with its reason (published as no gradient)."""
         local = distributed.local_tensor  # a DTensor's shard on this rank; else the tensor
         view, reason = grad_view(local(g))
         if view is None:
             self._skip(self._index.param_names[i], str(reason))
             self.skipped_positions.add(i)
-            return False  # skipped, with its reason: published as no gradient
-        out.grads[i] = view
-        out.weights[i] = real_view(local(p).detach())
+            return None
         out.viewed.add(i)
-        return True
+        return view, real_view(local(p).detach())
 
     def _check_new_parameters(self) -> None:
         """Parameters added to the optimizer after attach() get no hooks and are not

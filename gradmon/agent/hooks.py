@@ -4,7 +4,7 @@ Hooks hold their monitor weakly and call only its hook protocol (`StepListener`)
 never keep a model or monitor alive.
 
 - Gradient hooks (post-accumulate-grad) note the order in which parameters received a
-  gradient in this step: a list store, nothing else.
+  gradient: a list store, nothing else, and only in the backwards GradArrivals asks for.
 - Step hooks: a compiled `optimizer.step()` calls them as an opaque custom op
   (`gradmon::step_hook`, no graph break, with every backend: aot_eager and inductor);
   they reach their monitor through an int key, which dynamo can guard on, not through a
@@ -24,13 +24,21 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradmon.agent import distributed
 
-__all__ = ["GradArrivals", "StepListener", "TorchHooks", "watch_scaler"]
+__all__ = [
+    "RELEARN_EVERY",
+    "GradArrivals",
+    "StepListener",
+    "TorchHooks",
+    "merge_order",
+    "watch_scaler",
+]
 
 
 class StepListener(Protocol):
@@ -46,13 +54,29 @@ class StepListener(Protocol):
     def on_scaler_update(self, scaler: Any) -> None: ...
 
 
+# Collections between two backwards whose order the hooks note (see GradArrivals).
+RELEARN_EVERY = 16
+
+
 class GradArrivals:
-    """Which parameters received a gradient since the last collection, and in what order:
-    `order[i]` is 0 (none yet) or the 1-based rank of parameter i's first arrival."""
+    """The order in which parameters receive their gradient in a backward: the order
+    `Snapshot.nonfinite_origin` reads, as ranks (1 = first; 0 = never seen).
+
+    Post-accumulate-grad hooks note it, but autograd calls a Python hook for ~1.5-2 us
+    per parameter per backward, which is more than the rest of a collection costs per
+    tensor. Backward order is a property of the graph, which most models repeat step
+    after step, so where the steps to come are known (an optimizer is hooked) the hooks
+    are on only for the backward of the first collected step, every RELEARN_EVERY-th
+    collection after it, and the collection after one that held NaN/Inf
+    (`wants_order`); the other collections read the order learned last. Without an
+    optimizer the hooks stay on and every collection learns.
+    """
 
     def __init__(self, count: int) -> None:
-        self.order = [0] * count
+        self.order = [0] * count  # written by the hooks: 1-based rank of first arrival
         self.tick = [0]  # the last rank given; a list, so hooks update it in place
+        self._learned = np.zeros(count)
+        self._since = RELEARN_EVERY  # collections since one learned: learn at once
 
     def hook(self, index: int) -> Callable[[torch.Tensor], None]:
         """The post-accumulate-grad hook of parameter `index`: runs once per parameter per
@@ -66,12 +90,44 @@ class GradArrivals:
 
         return on_grad
 
-    def take(self) -> list[int]:
-        """This collection's arrival order; the next one starts afresh."""
-        order = list(self.order)
-        self.order[:] = [0] * len(order)
-        self.tick[0] = 0
-        return order
+    def wants_order(self) -> bool:
+        """Whether the next collected step's backward should be hooked. Not when the
+        hooks noted a backward that is not taken yet: that one is about to be learned."""
+        return not self.tick[0] and self._since + 1 >= RELEARN_EVERY
+
+    def relearn(self) -> None:
+        """Learn the order again at the next collected step (after NaN/Inf was seen)."""
+        self._since = RELEARN_EVERY
+
+    def take(self) -> np.ndarray[Any, Any]:
+        """This collection's order: the hooks' if they noted this backward (merged into
+        what was learned before), else the one learned last. Never modified later."""
+        self._since += 1
+        if self.tick[0]:
+            noted = np.array(self.order, dtype=np.float64)
+            self.order[:] = [0] * len(self.order)
+            self.tick[0] = 0
+            self._learned = merge_order(self._learned, noted)
+            self._since = 0
+        return self._learned
+
+
+def merge_order(old: np.ndarray[Any, Any], new: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Ranks from a backward (`new`, 0 where a parameter got no gradient) merged into the
+    ranks learned before: where conditional computation (MoE experts, unused branches)
+    left parameters out of this backward, each keeps its place after the last parameter
+    before it, in the old order, that this backward reached. Never-seen ones stay 0."""
+    missing = new == 0
+    if not missing.any() or not old.any():
+        return new
+    order = np.argsort(np.where(old > 0, old, np.inf), kind="stable")
+    ranks = new[order]
+    anchor = np.maximum.accumulate(ranks)  # the last rank this backward gave, in old order
+    step = (np.arange(len(ranks)) + 1) / (len(ranks) + 1)  # < 1, increasing
+    merged = np.where(ranks > 0, ranks, anchor + step)
+    out = np.empty_like(merged)
+    out[order] = merged
+    return np.where(missing & (old == 0), 0.0, out)
 
 
 # torch.compile: the step hook reaches its monitor through a key (an int, which dynamo
@@ -223,10 +279,9 @@ class TorchHooks:
             self._unwatch_scaler = watch_scaler(scaler, listener)
 
     def watch_grads(self, on: bool) -> None:
-        """Install (on) or remove the gradient hooks. Autograd calls a Python hook for
-        ~1.5 us per parameter per backward, so with every_n_steps > 1 they are on only
-        for the backward of a collected step (installing costs ~3 us a parameter, once
-        per collection)."""
+        """Install (on) or remove the gradient hooks: on only for the backwards whose
+        order GradArrivals asks for (installing costs ~3 us a parameter, once per such
+        backward)."""
         if on == bool(self._handles):
             return
         if not on:

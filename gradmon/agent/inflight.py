@@ -32,7 +32,7 @@ class Pending:
     skipped: bool
     started: float  # perf_counter() at the start of the collection
     fresh: list[bool]
-    arrival: list[int]
+    arrival: np.ndarray[Any, Any]  # backward order ranks (hooks.GradArrivals), read-only
     parts: list[tuple[torch.Tensor, list[int]]]  # ([n, NCOLS + 1] host rows, positions)
     staged: list[Staged]  # one device-to-host copy per device
     amp: torch.Tensor | None = None  # fused AMP: [step skipped, skipped so far] (host)
@@ -53,7 +53,7 @@ class Ready:
     skipped: bool
     started: float
     fresh: list[bool]
-    arrival: list[int]
+    arrival: np.ndarray[Any, Any]  # backward order ranks (hooks.GradArrivals), read-only
     table: torch.Tensor  # [parameters, NCOLS + 1] float64
     amp: torch.Tensor | None
     failed: frozenset[int]

@@ -127,9 +127,16 @@ class Pipeline:
         collect_next = steps.next_is_collected()
         for feature in self.parts.features:
             feature.on_step_counted(collect_next)
-        if self.watch_grads is not None and steps.every_n > 1 and self.has_optimizer:
-            self.watch_grads(collect_next)
+        self._hook_next_backward()
         return step, due
+
+    def _hook_next_backward(self) -> None:
+        """Gradient hooks for the next backward if it is collected and its order is to be
+        learned (hooks.GradArrivals). Without an optimizer the steps to come are unknown:
+        the hooks stay on."""
+        if self.watch_grads is not None and self.has_optimizer:
+            steps = self.parts.steps
+            self.watch_grads(steps.next_is_collected() and self.parts.arrivals.wants_order())
 
     def collect(
         self,
@@ -145,7 +152,8 @@ class Pipeline:
             self._waiting.waiting, self._waiting = False, None
         self.publish_ready(wait=False)
         guard = p.counters.guard
-        gathered = p.gatherer.gather(p.arrivals.take())
+        arrival = p.arrivals.take()
+        gathered = p.gatherer.gather()
         blocks, failed = p.partials.collect(gathered, guard, grad_scale)
         if skip_flag is not None:  # the fused-AMP flags ride in their device's copy
             row = p.steps.amp_row(skip_flag)
@@ -156,9 +164,7 @@ class Pipeline:
             for sink in p.sinks:
                 with guard("sink"):
                     sink.on_collect(step, by_layer)
-        entry = Pending(
-            step, skipped, started, gathered.fresh, gathered.arrival, parts, staged, amp
-        )
+        entry = Pending(step, skipped, started, gathered.fresh, arrival, parts, staged, amp)
         entry.failed = frozenset(failed)
         for k, feature in enumerate(p.features):
             with guard("hook"):
@@ -169,6 +175,9 @@ class Pipeline:
             self._waiting = entry
         p.inflight.push(entry)
         self.publish_ready(wait=False)
+        # A published NaN asks for the order of the next collected backward: decided here,
+        # on the hook path (hooks are installed only where no backward can run).
+        self._hook_next_backward()
 
     def publish_ready(self, wait: bool) -> None:
         with self.parts.counters.guard("publish"):
@@ -189,6 +198,8 @@ class Pipeline:
             with guard("publish"):  # a failing feature leaves the snapshot without it
                 snap = feature.finish(ready.features.get(k, []), snap)
         p.counters.record(snap, time.perf_counter() - ready.started)
+        if snap.nonfinite:  # where the next NaN starts is worth an exact backward order
+            p.arrivals.relearn()  # from the next collected step on (collect() ends so)
         for a in snap.anomalies:
             log.debug("gradmon: step %d %s %s (%.3g)", snap.step, a.kind, a.layer, a.value)
         if p.sinks:

@@ -146,12 +146,12 @@ class Publisher:
         names = [n for n, j in zip(layers.names, judged, strict=True) if j]
         return LayerTable(names, {k: layers.column(k)[judged] for k in TABLE_COLUMNS})
 
-    def _first_nonfinite(self, arrival: list[int], keep: Array | None, bad: Array) -> str | None:
-        """The first layer in backward order (the order its grads arrived) whose gradient
-        held NaN/Inf. Grads the hooks did not see arrive (set by hand) come after, in
-        model order."""
-        seen = np.asarray(arrival, dtype=np.float64)
-        seen[seen == 0] = np.inf
+    def _first_nonfinite(self, arrival: Array, keep: Array | None, bad: Array) -> str | None:
+        """The first layer in backward order (the order its grads arrive, learned by
+        hooks.GradArrivals) whose gradient held NaN/Inf. Grads the hooks never saw
+        arrive (set by hand) come after, in model order."""
+        ranks = np.asarray(arrival, dtype=np.float64)
+        seen = np.where(ranks > 0, ranks, np.inf)  # a new array: `arrival` is shared
         first = self._grouping.reduce(np.minimum, seen)
         names = self._index.layer_names
         if keep is not None:
