@@ -27,7 +27,7 @@ import gradmon
 from gradmon.stats import Col, reference
 from tests.conftest import SmallNet, train_step
 
-from . import readings
+from . import probes, readings
 
 SERVED = {"exporter": {"port": 0}}
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,10 @@ def scrape_ok(port: int | None) -> bool:
 
 
 def hooks_left(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Gradient hooks a backward runs, plus step hooks (a SmallNet takes [n, 8])."""
     per_param = sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
-    return per_param + len(opt._optimizer_step_pre_hooks)
+    armed = probes.armed_grad_hooks(model, torch.randn(2, 8))
+    return per_param + armed + len(opt._optimizer_step_pre_hooks)
 
 
 def test_close_inside_a_backward_hook(net: SmallNet) -> None:
@@ -126,6 +128,8 @@ def test_attach_again_after_close(net: SmallNet) -> None:
     first.close()
     with gradmon.attach(net, opt, config=SERVED) as mon:
         assert mon.port is not None and not mon.closed
+        # One set of hooks, not two: the first backward's order is learned (gradient hooks).
+        assert hooks_left(net, opt) == len(list(net.parameters())) + 1
         train_step(net, opt)
         snap = mon.snapshot()
         assert snap is not None and snap.step == 0 and readings.steps(mon) == 1
@@ -134,7 +138,7 @@ def test_attach_again_after_close(net: SmallNet) -> None:
             want = math.sqrt(reference.tensor_partials(p.grad)[Col.SUM_SQ])
             assert snap.layers[name].norm == pytest.approx(want, rel=1e-6)
         assert scrape_ok(mon.port)
-        assert hooks_left(net, opt) == len(list(net.parameters())) + 1  # one set, not two
+        assert hooks_left(net, opt) == 1  # the step hook; gradient hooks only when learning
 
 
 SCRIPT = """

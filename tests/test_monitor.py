@@ -13,12 +13,12 @@ from torch.utils.checkpoint import checkpoint
 
 import gradmon
 from gradmon import GradmonError
-from gradmon.agent.hooks import RELEARN_EVERY
 from gradmon.agent import collect as agent_collect
 from gradmon.agent import monitor as agent_monitor
+from gradmon.agent.hooks import RELEARN_EVERY
 from gradmon.stats import Col, reference
 
-from . import readings
+from . import probes, readings
 from .conftest import SmallNet, train_step
 
 NO_SERVER = {"exporter": {"enabled": False}}
@@ -84,7 +84,8 @@ def test_every_n_steps(net: SmallNet) -> None:
 
 
 def grad_hooks(model: nn.Module) -> int:
-    return sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+    """Gradient hooks armed for the next backward (a Branchy takes [n, 4])."""
+    return probes.armed_grad_hooks(model, torch.randn(2, 4))
 
 
 def test_gradient_hooks_only_for_the_backwards_that_learn_the_order(net: SmallNet) -> None:
@@ -96,14 +97,14 @@ def test_gradient_hooks_only_for_the_backwards_that_learn_the_order(net: SmallNe
     model = Branchy()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     config = {**NO_SERVER, "collect": {"every_n_steps": 3}}
-    params = len(list(model.parameters()))
+    params = sum(1 for n, _ in model.named_parameters() if not n.startswith("unused."))
     steps = 3 * RELEARN_EVERY + 2
     with gradmon.attach(model, opt, config=config) as mon:
         seen = []
         for step in range(steps):
-            seen.append(grad_hooks(model))  # during this step's backward
             opt.zero_grad(set_to_none=True)
-            model(torch.randn(2, 4)).sum().backward()
+            backward = model(torch.randn(2, 4)).sum().backward
+            seen.append(probes.grad_hook_calls(backward))
             want = float(model.used.weight.grad.norm())  # type: ignore[union-attr]
             opt.step()
             snap = mon.snapshot()
@@ -119,17 +120,16 @@ def test_gradient_hooks_only_for_the_backwards_that_learn_the_order(net: SmallNe
 def test_a_collection_with_nan_relearns_the_order_at_the_next() -> None:
     model = Branchy()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    params = len(list(model.parameters()))
+    params = sum(1 for n, _ in model.named_parameters() if not n.startswith("unused."))
     healthy = {k: v.clone() for k, v in model.state_dict().items()}
     with gradmon.attach(model, opt, config=NO_SERVER) as mon:
         seen = []
         for step in range(5):
-            seen.append(grad_hooks(model))
             opt.zero_grad(set_to_none=True)
             x = torch.randn(2, 4)
             if step == 2:
                 x[0, 0] = float("nan")
-            model(x).sum().backward()
+            seen.append(probes.grad_hook_calls(model(x).sum().backward))
             opt.step()
             if step == 2:  # the NaN reached the weights (lr 0 * NaN): put them back
                 model.load_state_dict(healthy)

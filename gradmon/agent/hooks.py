@@ -3,8 +3,9 @@
 Hooks hold their monitor weakly and call only its hook protocol (`StepListener`); they
 never keep a model or monitor alive.
 
-- Gradient hooks (post-accumulate-grad) note the order in which parameters received a
-  gradient: a list store, nothing else, and only in the backwards GradArrivals asks for.
+- Gradient hooks (on the parameters' AccumulateGrad nodes) note the order in which
+  parameters received a gradient: a list store, nothing else, and only in the backwards
+  GradArrivals asks for.
 - Step hooks: a compiled `optimizer.step()` calls them as an opaque custom op
   (`gradmon::step_hook`, no graph break, with every backend: aot_eager and inductor);
   they reach their monitor through an int key, which dynamo can guard on, not through a
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.graph import Node, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from gradmon.agent import distributed
@@ -55,16 +57,16 @@ class StepListener(Protocol):
 
 
 # Collections between two backwards whose order the hooks note (see GradArrivals).
-RELEARN_EVERY = 16
+RELEARN_EVERY = 32
 
 
 class GradArrivals:
     """The order in which parameters receive their gradient in a backward: the order
     `Snapshot.nonfinite_origin` reads, as ranks (1 = first; 0 = never seen).
 
-    Post-accumulate-grad hooks note it, but autograd calls a Python hook for ~1.5-2 us
-    per parameter per backward, which is more than the rest of a collection costs per
-    tensor. Backward order is a property of the graph, which most models repeat step
+    Hooks note it (TorchHooks.watch_grads), but autograd calls a Python hook for
+    ~1.5-2 us per parameter per backward, which is more than the rest of a collection
+    costs per tensor. Backward order is a property of the graph, which most models repeat step
     after step, so where the steps to come are known (an optimizer is hooked) the hooks
     are on only for the backward of the first collected step, every RELEARN_EVERY-th
     collection after it, and the collection after one that held NaN/Inf
@@ -78,12 +80,17 @@ class GradArrivals:
         self._learned = np.zeros(count)
         self._since = RELEARN_EVERY  # collections since one learned: learn at once
 
-    def hook(self, index: int) -> Callable[[torch.Tensor], None]:
-        """The post-accumulate-grad hook of parameter `index`: runs once per parameter per
-        backward, so it is one closure with two list stores and no further call."""
+    def hook(self, index: int, held: list[Any]) -> Callable[..., None]:
+        """The hook of parameter `index`'s gradient accumulator (a Node post hook, called
+        with the node's grad inputs and outputs): runs once per parameter per backward,
+        so it is one closure with a few list operations and no further call. The first
+        one to run lets go of the `held` accumulators: the running graph holds those it
+        uses, and frees them (and their hooks) when it is done."""
         order, tick = self.order, self.tick
 
-        def on_grad(_param: torch.Tensor) -> None:
+        def on_grad(*_grads: object) -> None:
+            if held:
+                held.clear()
             if not order[index]:
                 tick[0] += 1
                 order[index] = tick[0]
@@ -269,6 +276,7 @@ class TorchHooks:
         self._param_refs = param_refs
         self._arrivals = arrivals
         self._handles: list[RemovableHandle] = []
+        self._accumulators: list[Node] = []
         self._step_handles: list[RemovableHandle] = []
         self._key: int | None = None
         self._unwatch_scaler: Callable[[], None] | None = None
@@ -279,21 +287,35 @@ class TorchHooks:
             self._unwatch_scaler = watch_scaler(scaler, listener)
 
     def watch_grads(self, on: bool) -> None:
-        """Install (on) or remove the gradient hooks: on only for the backwards whose
-        order GradArrivals asks for (installing costs ~3 us a parameter, once per such
-        backward)."""
-        if on == bool(self._handles):
-            return
+        """Hook (on) the parameters' gradient accumulators for the next backward, whose
+        order GradArrivals asks for, or unhook them.
+
+        The hooks go on the AccumulateGrad nodes, not on the parameters
+        (`register_post_accumulate_grad_hook`): a tensor hook, once registered, leaves
+        autograd calling into Python for that parameter in every later backward even
+        after its removal (~1.5 us a parameter, measured), while a node nobody holds is
+        freed with the graph of its backward, its hooks with it. The nodes are held here
+        from hooking until that backward begins (and each holds its parameter, so a
+        parameter replaced in between lives until then). Hooking costs ~6 us a
+        parameter, only before learning backwards. (Where something else holds the
+        accumulators, as DistributedDataParallel does, a removed hook leaves its empty
+        call behind.)"""
+        if on and self._accumulators:
+            return  # hooked, and its backward has not begun
+        for handle in self._handles:
+            handle.remove()  # a no-op for the hooks of nodes already freed
+        self._handles.clear()
+        self._accumulators.clear()
         if not on:
-            for handle in self._handles:
-                handle.remove()  # torch tolerates removal while it runs them
-            self._handles.clear()
             return
+        held = self._accumulators
         for index, ref in enumerate(self._param_refs):
             param = ref()
-            if param is not None:
-                hook = self._arrivals.hook(index)
-                self._handles.append(param.register_post_accumulate_grad_hook(hook))  # type: ignore[no-untyped-call]
+            if param is None or not param.requires_grad:
+                continue
+            node = get_gradient_edge(param).node  # the parameter's AccumulateGrad
+            held.append(node)  # until the next forward's graph holds it (see hook())
+            self._handles.append(node.register_hook(self._arrivals.hook(index, held)))
 
     def _install_step_hooks(
         self, listener: StepListener, optimizer: torch.optim.Optimizer, post_step: bool
@@ -332,9 +354,7 @@ class TorchHooks:
         """Remove every hook. Tensor hooks go at once (torch tolerates their removal while
         it runs them); step hooks go at the next backward if a step is running now, since
         removing one there raises "OrderedDict mutated during iteration" in that step."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self.watch_grads(False)
         if self._step_handles and _inside_optimizer_step():
             _remove_at_next_backward(self._param_refs, list(self._step_handles))
         else:

@@ -132,11 +132,14 @@ class Pipeline:
 
     def _hook_next_backward(self) -> None:
         """Gradient hooks for the next backward if it is collected and its order is to be
-        learned (hooks.GradArrivals). Without an optimizer the steps to come are unknown:
-        the hooks stay on."""
-        if self.watch_grads is not None and self.has_optimizer:
-            steps = self.parts.steps
-            self.watch_grads(steps.next_is_collected() and self.parts.arrivals.wants_order())
+        learned (hooks.GradArrivals). Without an optimizer, collect() follows each
+        backward: the next one belongs to the next collection."""
+        if self.watch_grads is None:
+            return
+        wanted = self.parts.arrivals.wants_order()
+        if self.has_optimizer:
+            wanted = wanted and self.parts.steps.next_is_collected()
+        self.watch_grads(wanted)
 
     def collect(
         self,
