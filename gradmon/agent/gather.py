@@ -125,12 +125,13 @@ class Gatherer:
             if g is None:
                 last[i] = None
                 continue
-            seen = last[i]
-            if seen is not None and seen() is g and g._version == version[i]:
+            seen, current = last[i], g._version
+            if seen is not None and seen() is g and current == version[i]:
                 continue
-            last[i], version[i] = ref_of(g), g._version
+            last[i], version[i] = ref_of(g), current
             weight: torch.Tensor = p  # read, never written: no detach needed
-            if not (plain[i] and g.layout is strided and g.is_floating_point()):
+            # A dense grad has its (floating) parameter's dtype: torch checks it.
+            if not (plain[i] and g.layout is strided):
                 special = self._special(i, p, g, out)
                 if special is None:
                     continue
