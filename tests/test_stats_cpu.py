@@ -342,3 +342,43 @@ def test_partials_and_param_norms_in_one_call_match_float64(dtype: torch.dtype) 
     )
     assert torch.equal(generic_sq, foreach_path(weights))
     assert generic_partials.shape == partials.shape
+
+
+def grads_and_weights(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Odd sizes, an empty one, NaN/Inf and zeros; one non-contiguous grad and weight."""
+    torch.manual_seed(3)
+    grads = [torch.randn(n).to(dtype) for n in (1, 17, 4097, 0, 65537)]
+    grads[1][[2, 5]] = torch.tensor([NAN, INF], dtype=dtype)
+    grads[2][:100] = 0
+    grads.append(torch.randn(6, 7).to(dtype).t())  # non-contiguous
+    weights = [torch.randn(g.shape).to(dtype) for g in grads]
+    weights[-1] = torch.randn(7, 6).to(dtype).t()  # non-contiguous: read through a copy
+    return grads, weights
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_partials_match_float64_across_calls(dtype: torch.dtype) -> None:
+    """The agent's per-group call (fewer checks, weights re-checked only when changed)
+    against the oracle: again with the same weights, after one was changed in place, and
+    after one's data was replaced by a tensor of another dtype and size."""
+    grads, weights = grads_and_weights(dtype)
+    known = cpu.KnownWeights()
+    for _ in range(2):
+        assert_matches(grads + weights, cpu.group_partials(grads, weights, known))
+    plain = weights[:-1]  # all read in place: the next call trusts the pointers
+    cpu.group_partials(grads[:-1], plain, known)
+    assert known.seen is not None
+    plain[2].mul_(-3.0)  # in place: same pointer, new values
+    assert_matches(grads[:-1] + plain, cpu.group_partials(grads[:-1], plain, known))
+    param = torch.nn.Parameter(plain[1].clone())
+    swapped = [*plain[:1], param, *plain[2:]]
+    cpu.group_partials(grads[:-1], swapped, known)
+    param.data = torch.randn(3, dtype=torch.float64)  # another dtype and size
+    got = cpu.group_partials(grads[:-1], swapped, known)
+    assert_matches(grads[:-1] + swapped, got)
+
+
+def test_group_partials_of_nothing_and_of_an_unsupported_weight() -> None:
+    assert cpu.group_partials([], [], cpu.KnownWeights()).shape == (0, NCOLS)
+    with pytest.raises(TypeError, match="does not support dtype"):
+        cpu.group_partials([torch.ones(2)], [torch.ones(2, dtype=torch.int32)], cpu.KnownWeights())

@@ -15,6 +15,7 @@ import torch
 
 from gradmon.agent.gather import Gathered, Group, GroupKey
 from gradmon.stats import NCOLS, Col, PartialsFn, partials_and_param_sum_squares, select_backend
+from gradmon.stats.cpu import KnownWeights
 
 __all__ = ["Blocks", "PartialsCollector", "fill_implicit_zeros", "unscale_partials"]
 
@@ -69,6 +70,7 @@ class PartialsCollector:
         self._numels = numels
         self._choose = choose_backend
         self._backends: dict[GroupKey, PartialsFn] = {}
+        self._known: dict[GroupKey, KnownWeights] = {}  # the C kernel's check of weights
 
     def collect(
         self,
@@ -100,7 +102,11 @@ class PartialsCollector:
             # Looked up at call time: `select_backend` of this module is the seam for tests.
             choose = self._choose or select_backend
             backend = self._backends[key] = choose(self._backend_name, *key)  # type: ignore[arg-type]
-        partials, param_sq = partials_and_param_sum_squares(backend, group.grads, group.weights)
+        # Grads are strided tensors of the group's device and dtype (gather grouped them).
+        known = self._known.setdefault(key, KnownWeights())
+        partials, param_sq = partials_and_param_sum_squares(
+            backend, group.grads, group.weights, known
+        )
         # Sparse grads: their values leave out the (implicit) zero entries. Only a grad
         # that needed a view can be one: dense ones are not looked at.
         implicit = dict(_implicit_zeros(group, self._numels, viewed)) if viewed else {}

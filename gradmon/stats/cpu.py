@@ -106,3 +106,74 @@ def compute_partials(
     threads = torch.get_num_threads() if nthreads is None else nthreads
     _kernel.compute(ptrs, numels, codes, out.data_ptr(), threads)
     return out
+
+
+class KnownWeights:
+    """What one group's weights looked like at the last `group_partials` call that checked
+    them in full: their data pointers, dtypes and sizes (and dtype codes). A parameter's
+    data moves, or changes dtype or size, only when its `.data` is replaced
+    (`model.to()`, `.half()`, `load_state_dict(assign=True)`); then, or when the group's
+    members change, they are checked in full again."""
+
+    def __init__(self) -> None:
+        self.seen: tuple[list[int], list[torch.dtype], list[int]] | None = None
+        self.codes: list[int] = []
+
+
+def group_partials(
+    grads: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    known: KnownWeights,
+    nthreads: int | None = None,
+) -> torch.Tensor:
+    """[2T, 8] float64 partials of T grads, then of their T weights: `compute_partials(
+    [*grads, *weights])` for the agent's groups, with fewer checks per tensor (the host
+    cost of a collection is mostly these attribute reads).
+
+    The caller guarantees that `grads` are strided CPU tensors of one supported dtype (it
+    grouped them by device, dtype and layout); the weights are checked in full only when
+    what `known` remembers of them no longer holds (a pointer, dtype or size changed).
+    """
+    if _kernel is None:
+        return compute_partials([*grads, *weights], nthreads=nthreads)
+    n = len(grads)
+    if n == 0:
+        return torch.empty((0, NCOLS), dtype=torch.float64)
+    try:
+        code = _CODES[grads[0].dtype]
+    except KeyError:
+        raise TypeError(f"gradmon CPU kernel does not support dtype {grads[0].dtype}") from None
+    # `flat`, `wflat` also keep any contiguous copy alive until the kernel returns.
+    flat = [g if g.is_contiguous() and not g.is_neg() else _flatten(g) for g in grads]
+    ptrs = [g.data_ptr() for g in flat]
+    numels = [g.numel() for g in flat]
+    wflat = weights
+    seen = (
+        [w.data_ptr() for w in weights],
+        [w.dtype for w in weights],
+        [w.numel() for w in weights],
+    )
+    if seen != known.seen:
+        known.seen = None
+        strided = torch.strided
+        wflat = [
+            w
+            if w.is_cpu and w.layout is strided and w.is_contiguous() and not w.is_neg()
+            else _flatten(w)
+            for w in weights
+        ]
+        try:
+            known.codes = [_CODES[w.dtype] for w in wflat]
+        except KeyError:
+            bad = next(w.dtype for w in wflat if w.dtype not in _CODES)
+            raise TypeError(f"gradmon CPU kernel does not support dtype {bad}") from None
+        if all(a is b for a, b in zip(wflat, weights, strict=True)):
+            known.seen = seen  # read in place: next time the pointers are enough
+        else:  # a copy's pointer means nothing next time
+            seen = ([w.data_ptr() for w in wflat], seen[1], seen[2])
+    out = torch.empty((2 * n, NCOLS), dtype=torch.float64)
+    threads = torch.get_num_threads() if nthreads is None else nthreads
+    _kernel.compute(
+        ptrs + seen[0], numels + seen[2], [code] * n + known.codes, out.data_ptr(), threads
+    )
+    return out
