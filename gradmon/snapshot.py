@@ -195,8 +195,13 @@ class LayerTable(Mapping[str, LayerStats]):
         # which lets the health rules reuse their lookup of it.
         self.names = names if isinstance(names, list) else list(names)
         self._cols = dict(cols)
-        self._position = {n: i for i, n in enumerate(self.names)}
+        self._position: dict[str, int] | None = None  # built when a layer is looked up
         self._built: dict[str, LayerStats] = {}
+
+    def _positions(self) -> dict[str, int]:
+        if self._position is None:
+            self._position = {n: i for i, n in enumerate(self.names)}
+        return self._position
 
     def column(self, name: str) -> np.ndarray[Any, Any]:
         return self._cols[name]
@@ -207,7 +212,7 @@ class LayerTable(Mapping[str, LayerStats]):
     def __getitem__(self, name: str) -> LayerStats:
         built = self._built.get(name)
         if built is None:
-            built = self._built[name] = self._build(self._position[name])
+            built = self._built[name] = self._build(self._positions()[name])
         return built
 
     def _build(self, i: int) -> LayerStats:
@@ -228,4 +233,4 @@ class LayerTable(Mapping[str, LayerStats]):
         return len(self.names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._position
+        return name in self._positions()
