@@ -159,6 +159,12 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         schema.GRAD_RMS.series,
         schema.GRAD_ZERO_RATIO.series,
     )
+    # Layers the agent found structurally zero (a bias in front of BatchNorm): it says so
+    # once, and judges them neither vanishing nor dead; neither do these rules.
+    structural = (
+        f"unless on ({run}, layer)\n"
+        f"max by ({run}, layer) ({schema.GRAD_STRUCTURALLY_ZERO.series}) == 1"
+    )
     # The median of the global norm over a window that ended spike_baseline_offset ago,
     # used only once that whole window lies inside the run (the series existed in the
     # first spike_baseline_offset of it): early in a run the norm can grow many-fold from
@@ -263,7 +269,8 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
             f"  ({vanishing_ratio} * quantile by ({run}) (0.5, {rms}))\n"
             f")\n"
             f"unless on ({run}, layer)\n"
-            f"min by ({run}, layer) ({zeros}) == 1",
+            f"min by ({run}, layer) ({zeros}) == 1\n"
+            f"{structural}",
             o.vanishing_for,
             "warning",
             "Vanishing gradient in {{ $labels.layer }} ({{ $labels.job }})",
@@ -293,7 +300,7 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         ),
         alert(
             "GradmonDeadLayer",
-            f"min by ({run}, layer) ({zeros}) == 1",
+            f"min by ({run}, layer) ({zeros}) == 1\n{structural}",
             o.dead_for,
             "warning",
             "Dead layer {{ $labels.layer }} ({{ $labels.job }})",
