@@ -24,6 +24,7 @@ from gradmon.ops.dashboards.builders import (
     stat_b,
     ts_b,
 )
+from gradmon.ops.rule_parts import since
 
 __all__ = ["overview"]
 
@@ -58,11 +59,9 @@ def _self_check() -> stat_b.Panel:
 
 
 def _origin_since(window: str) -> str:
-    """Per series, what gradmon_nonfinite_origin_total added over `window`. The agent
-    creates a layer's series at its first count, so one that was born inside the window
-    (no sample `window` ago) counts whole: increase() would miss that first count."""
-    c = f"{schema.NONFINITE_ORIGIN.series}{{{SEL}}}"
-    return f"(({c} - {c} offset {window}) or {c})"
+    """Per series, what gradmon_nonfinite_origin_total added over `window` (the agent
+    creates a layer's series at its first count, which increase() would miss)."""
+    return since(f"{schema.NONFINITE_ORIGIN.series}{{{SEL}}}", window)
 
 
 def _nan_origin() -> list[bargauge_b.Panel | ts_b.Panel]:
@@ -81,7 +80,7 @@ def _nan_origin() -> list[bargauge_b.Panel | ts_b.Panel]:
         "only received the NaN. Empty when no step held NaN/Inf.",
         [
             (
-                f"sort_desc(topk(20, sum by (layer) ({_origin_since('$__range')}) > 0))",
+                f"sort_desc(topk(20, sum by (layer) {_origin_since('$__range')} > 0))",
                 "{{layer}}",
             )
         ],
@@ -107,7 +106,7 @@ def _nan_origin() -> list[bargauge_b.Panel | ts_b.Panel]:
         "Where NaN started, over time",
         f"Per interval, the collected steps whose NaN/Inf started in each layer: {desc}. "
         "The last bars are the most recent origin.",
-        [(f"sum by (layer) ({_origin_since('$__interval')}) > 0", "{{layer}}")],
+        [(f"sum by (layer) {_origin_since('$__interval')} > 0", "{{layer}}")],
         unit="short",
         w=16,
         bars=True,
