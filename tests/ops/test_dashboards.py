@@ -542,7 +542,6 @@ def tool(name: str) -> str:
 # parameter (collect.granularity: parameter), a module has activation statistics.
 SUBSTITUTE = {
     "$__rate_interval": "1m",
-    "$__interval": "15s",
     "$__range": "10m",  # the whole series: promtool evaluates at 10m
     "$job": "gradmon",
     "$instance": "127.0.0.1:9400",

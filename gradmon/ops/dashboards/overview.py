@@ -104,9 +104,9 @@ def _nan_origin() -> list[bargauge_b.Panel | ts_b.Panel]:
     )
     over_time = series(
         "Where NaN started, over time",
-        f"Per interval, the collected steps whose NaN/Inf started in each layer: {desc}. "
+        f"Per rate window, the collected steps whose NaN/Inf started in each layer: {desc}. "
         "The last bars are the most recent origin.",
-        [(f"sum by (layer) {_origin_since('$__interval')} > 0", "{{layer}}")],
+        [(f"sum by (layer) {_origin_since(RATE)} > 0", "{{layer}}")],
         unit="short",
         w=16,
         bars=True,
