@@ -164,11 +164,15 @@ class HealthRules:
         self._flags = {k: np.zeros(0, dtype=bool) for k in _FLAGS}
         self._param_norm = np.zeros(0)  # at each layer's last collection (NaN: none yet)
         self._norms: deque[float] = deque(maxlen=config.spike_window)
+        # The names of the layers flagged structural, rebuilt whenever a flag changes: one
+        # attribute, swapped whole, that a scrape thread can read while a collection runs.
+        self._structural_names: tuple[str, ...] = ()
 
     def structurally_zero(self) -> tuple[str, ...]:
         """Layers whose gradient has been negligible since their first collection (see the
-        module docstring); each was warned about once. A gauge per name, set to 1."""
-        return tuple(self._names[i] for i in np.flatnonzero(self._flags["structural"]).tolist())
+        module docstring); each was warned about once. Exported as
+        gradmon_grad_structurally_zero{layer} 1. Safe to call from another thread."""
+        return self._structural_names
 
     def _slots(self, names: Sequence[str]) -> Array:
         """Each layer's position in the state arrays (new layers get new state)."""
@@ -222,10 +226,13 @@ class HealthRules:
         negligible = (j.bad == 0) & (zero | (j.rms <= cfg.structural_ratio * median_rms))
         considered = j.received  # no gradient says nothing about its size
         back = considered & ~negligible
-        for i in np.flatnonzero(back & flags["structural"][slots]).tolist():
+        returned = np.flatnonzero(back & flags["structural"][slots]).tolist()
+        for i in returned:
             log.info("gradmon: %s carries a gradient now; judged as any layer", j.names[i])
         flags["negligible"][slots[back]] = False
         flags["structural"][slots[back]] = False
+        if returned:
+            self._flagged_changed()
         new = (
             considered
             & negligible
@@ -237,6 +244,7 @@ class HealthRules:
         if not found:
             return
         flags["structural"][slots[found]] = True
+        self._flagged_changed()
         # One warning per collection, however many layers it finds (a deep model can hold
         # thousands): the count, the first names, and their rms against the median.
         shown = ", ".join(f"{j.names[i]} (rms {j.rms[i]:.3g})" for i in found[:5])
@@ -251,6 +259,10 @@ class HealthRules:
             shown,
             more,
         )
+
+    def _flagged_changed(self) -> None:
+        structural = np.flatnonzero(self._flags["structural"]).tolist()
+        self._structural_names = tuple(self._names[i] for i in structural)
 
     def _jumps(self, step: int, j: Judged, slots: Array) -> list[Anomaly]:
         """Each finite layer's norm against its own baseline; a norm over the threshold

@@ -13,10 +13,11 @@ from .conftest import SmallNet, train_step
 
 def full_exposition() -> str:
     """The text exposition of a fresh registry after a few steps: a GradScaler, a logged
-    scalar, anomalies, a step with NaN gradients, and the opt-in update ratio and activation
-    statistics."""
+    scalar, anomalies, a step with NaN gradients, a structurally zero layer (fc1.bias, its
+    gradient zeroed at every step), and the opt-in update ratio and activation statistics."""
     torch.manual_seed(0)
     net = SmallNet()
+    net.fc1.bias.register_hook(torch.zeros_like)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     registry = CollectorRegistry()

@@ -258,3 +258,56 @@ def test_dead_waits_twice_the_longest_idle_run_it_came_back_from() -> None:
         assert rules.evaluate(step, idle, 1.0) == []
         step += 1
     assert kinds(rules.evaluate(step, idle, 1.0)) == {("e", "dead")}
+
+
+def test_structurally_zero_layers_are_a_gauge_on_the_registry() -> None:
+    """A Conv2d bias in front of BatchNorm, trained for real: its gauge reads 1 from the
+    collection that finds it, no other layer has a series, and it is never vanishing. Its
+    gradient made real again (no BatchNorm after it), it leaves the gauge."""
+    import torch
+    from torch import nn
+
+    import gradmon
+
+    from . import readings
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    norm = nn.BatchNorm2d(4)
+    head = nn.Linear(4 * 6 * 6, 1)
+    bypass = {"on": False}
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm, self.head = conv, norm, head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            y = y if bypass["on"] else self.norm(y)
+            return self.head(torch.relu(y).flatten(1))
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    names = [n for n, _ in model.named_parameters()]
+    gauge = "gradmon_grad_structurally_zero"
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(8, 3, 8, 8)).pow(2).mean().backward()
+        opt.step()
+
+    with gradmon.attach(model, opt, config={"exporter": {"enabled": False}}) as mon:
+        step()
+        assert all(readings.value(mon, gauge, layer=n) == 0.0 for n in names)  # no series yet
+        for _ in range(9):
+            step()
+        assert mon.registry.get_sample_value(gauge, {"layer": "conv.bias"}) == 1.0
+        assert [n for n in names if mon.registry.get_sample_value(gauge, {"layer": n})] == [
+            "conv.bias"
+        ]
+        vanishing = {"layer": "conv.bias", "kind": "vanishing"}
+        assert readings.value(mon, "gradmon_anomalies_total", **vanishing) == 0
+        bypass["on"] = True  # the bias now carries a real gradient
+        step()
+        assert mon.registry.get_sample_value(gauge, {"layer": "conv.bias"}) is None

@@ -127,6 +127,16 @@ def test_tensorboard_event_files_hold_every_step(
         assert 6 in [t.step for t in texts]
         assert b"fc2.weight" in texts[[t.step for t in texts].index(6)].tensor_proto.string_val[0]
     assert "custom_scalars__config__" in tags["tensors"]
+    # ... and where it started: a point at that step only, and a text naming it.
+    assert snaps[6].nonfinite_origin == "fc2.weight"
+    assert [t for t in tags["scalars"] if t.startswith("nonfinite_origin/")] == [
+        "nonfinite_origin/fc2.weight"
+    ]
+    assert [(e.step, e.value) for e in acc.Scalars("nonfinite_origin/fc2.weight")] == [(6, 1.0)]
+    if library == "torch":
+        (origin,) = acc.Tensors("nonfinite_origin/text_summary")
+        assert origin.step == 6
+        assert b"NaN/Inf started in **`fc2.weight`**" in origin.tensor_proto.string_val[0]
 
     # Histograms every 4th collection, of the finite entries only.
     for layer in layers:

@@ -24,6 +24,7 @@ from gradmon.agent.steps import Steps
 from gradmon.config import Config
 from gradmon.export.collector import ExportState, GradmonCollector, RankLabelled
 from gradmon.export.server import MetricsServer
+from gradmon.health import HealthRules
 from gradmon.snapshot import LayerTable
 from gradmon.stats.torch import to_float
 from gradmon.version import __version__
@@ -42,6 +43,7 @@ class Sources:
     features: Sequence[Feature]
     scaler: Any  # a GradScaler, or None: its scale is read at scrape time
     placement: Placement  # which (layer, shard)s this rank exports
+    health: HealthRules  # its structurally zero layers, read at scrape time
 
 
 class Exposure:
@@ -126,6 +128,7 @@ class Exposure:
             **extra,
         )
         state.layer_names = self.exported_layers(rank)
+        state.structurally_zero = src.health.structurally_zero()
         state.per_layer = bool(state.layer_names)
         with src.counters.guard("export"):
             self._shares(state)

@@ -96,9 +96,10 @@ class Monitor:
             self._features = build_features(cfg, model, index, optimizer)
             arrivals = GradArrivals(len(named))
             gatherer = Gatherer(index, counters.skip, model, optimizer)
+            health = HealthRules(cfg.health)
             publisher = Publisher(
                 index,
-                HealthRules(cfg.health),
+                health,
                 gatherer.skipped_positions,
                 functools.partial(counters.count_error, "publish"),
                 owned=placement.owned_parameters,
@@ -122,7 +123,7 @@ class Monitor:
             )
             self._pipeline.watch_grads = self._hooks.watch_grads
             sources = Sources(
-                run_id, counters, self._steps, index, self._features, scaler, placement
+                run_id, counters, self._steps, index, self._features, scaler, placement, health
             )
             self._exposure = exposure = Exposure(cfg, sources, registry)
             if cfg.exporter.push.url is not None:

@@ -90,6 +90,7 @@ class ExportState:
     activation_names: list[str] = field(default_factory=list)  # exported modules, capped
     activation_nonfinite_total: dict[str, int] = field(default_factory=dict)
     nonfinite_origin_total: dict[str, int] = field(default_factory=dict)
+    structurally_zero: tuple[str, ...] = ()  # HealthRules.structurally_zero()
     # This rank's additive shares (agent/placement.py): of the global sum of squares, and
     # of the layers that mix exported and replicated parameters (their other values are
     # this rank's view).
@@ -197,7 +198,9 @@ class GradmonCollector(Collector):
         snap = st.snapshot
         if not st.per_layer or snap is None:
             return None
-        key = (id(snap), snap.step, st.collections_total, st.rank, len(st.layer_names))
+        # The structural layers change only at a collection, and are read with it.
+        n, structural = len(st.layer_names), st.structurally_zero
+        key = (id(snap), snap.step, st.collections_total, st.rank, n, structural)
         with self._bulk_lock:  # one scraper builds, the others wait and reuse
             if self._bulk is None or self._bulk.key != key:
                 self._bulk = None
@@ -323,6 +326,11 @@ def _layer_families(st: ExportState, snap: Snapshot, r: _Rank) -> Iterator[Metri
     exported = {*st.layer_names, *st.activation_names}
     origins = [n for n in sorted(st.nonfinite_origin_total) if n in exported]
     yield _counts(r, schema.NONFINITE_ORIGIN, origins, st.nonfinite_origin_total)
+    # Layers the health rules found structurally zero (said once, then neither vanishing
+    # nor dead): 1 each, no series for the others.
+    structural = set(st.structurally_zero)
+    flagged = [n for n in st.layer_names if n in structural]
+    yield _labelled(r, schema.GRAD_STRUCTURALLY_ZERO, (((n,), 1.0) for n in flagged))
     # collect.activations: one series per exported module that ran before the snapshot.
     if st.activation_names:
         modules = [(n, snap.activations[n]) for n in st.activation_names if n in snap.activations]

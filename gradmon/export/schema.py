@@ -30,6 +30,7 @@ __all__ = [
     "GRAD_ABS_MAX",
     "GRAD_NORM",
     "GRAD_RMS",
+    "GRAD_STRUCTURALLY_ZERO",
     "GRAD_SUM_SQUARES",
     "GRAD_ZERO_RATIO",
     "INFO",
@@ -216,6 +217,14 @@ NONFINITE_ORIGIN = Family(
     "Collected steps whose NaN/Inf started at this layer (or module, with activations).",
     (LAYER,),
 )
+GRAD_STRUCTURALLY_ZERO = Family(
+    "gradmon_grad_structurally_zero",
+    "gauge",
+    "1 for a layer whose gradient has been negligible since its first collection "
+    "(structurally zero, e.g. a bias in front of BatchNorm): judged neither vanishing nor "
+    "dead. Only such layers have a series.",
+    (LAYER,),
+)
 LAYER_GAUGES = (GRAD_NORM, GRAD_RMS, GRAD_ABS_MAX, GRAD_ZERO_RATIO, GRAD_SUM_SQUARES, PARAM_NORM)
 
 # Per-module forward statistics (opt-in collect.activations); `layer` holds a module name.
@@ -282,6 +291,7 @@ FAMILIES = (
     UPDATE_RATIO,
     LAYER_NONFINITE_STEPS,
     NONFINITE_ORIGIN,
+    GRAD_STRUCTURALLY_ZERO,
     *ACTIVATION_GAUGES,
     ACTIVATION_NONFINITE,
 )

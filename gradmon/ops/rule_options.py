@@ -47,6 +47,9 @@ class RuleOptions:
     loss_scale_max_halvings: int = 10  # net halvings below the recent maximum
     loss_scale_window: str = "30m"
     loss_scale_for: str = "5m"
+    # A collapse that fired lasts while a step was skipped in this window and the scale
+    # has not grown in it (a scale pinned at a floor halves no more).
+    loss_scale_skipping_window: str = "5m"
     # exporter.push: a pushed run is stale after this many of its push intervals without a
     # push (the interval is pushed with the metrics) and no clean finish.
     push_stale_intervals: int = 3
@@ -78,6 +81,7 @@ class RuleOptions:
             "spike_for",
             "loss_scale_window",
             "loss_scale_for",
+            "loss_scale_skipping_window",
             "push_stale_for",
         ):
             value = getattr(self, name)

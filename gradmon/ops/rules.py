@@ -12,7 +12,10 @@ PromQL facts the expressions are built on:
   taken *before* the window that holds the spike (a lagged baseline the spike cannot
   inflate);
 - every gradmon_* series of a run carries the run's target labels; ranks of one run are
-  combined with `by (namespace, job)` (`RuleOptions.run_labels`).
+  combined with `by (namespace, job)` (`RuleOptions.run_labels`);
+- anomaly and NaN-origin series are born at their first count, which increase() misses:
+  rule_parts.since() counts them, and alerts that concern layers fire once per run and
+  name the layers in their description (rule_parts.top_layers()).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from gradmon.errors import GradmonError
 from gradmon.export import schema
 from gradmon.export.schema import GLOBAL_NORM_BUCKETS
 from gradmon.ops.rule_options import RUNBOOK_URL, RuleOptions
+from gradmon.ops.rule_parts import LOOKBACK, since, top_layers
+from gradmon.snapshot import GLOBAL_LAYER
 
 __all__ = [
     "ALERT_NAMES",
@@ -151,6 +156,7 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
     drop = _num(2.0**o.loss_scale_max_halvings, "RuleOptions.loss_scale_max_halvings")
     width = _num(NORM_BUCKET_RATIO, "NORM_BUCKET_RATIO")
     nf = o.nonfinite_window
+    skipping = o.loss_scale_skipping_window
     # The series the alerts select (export/schema.py names them).
     g, per_step = schema.GLOBAL_NORM.series, schema.GLOBAL_NORM_PER_STEP.bucket
     steps, scale = schema.STEPS.series, schema.LOSS_SCALE.series
@@ -158,6 +164,12 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         schema.GRAD_NORM.series,
         schema.GRAD_RMS.series,
         schema.GRAD_ZERO_RATIO.series,
+    )
+    # Layers the agent found structurally zero (a bias in front of BatchNorm): it says so
+    # once, and judges them neither vanishing nor dead; neither do these rules.
+    structural = (
+        f"unless on ({run}, layer)\n"
+        f"max by ({run}, layer) ({schema.GRAD_STRUCTURALLY_ZERO.series}) == 1"
     )
     # The median of the global norm over a window that ended spike_baseline_offset ago,
     # used only once that whole window lies inside the run (the series existed in the
@@ -193,6 +205,20 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         }
 
     value = '{{ $value | printf "%.4g" }}'
+    spiking = f'kind=~"spike|exploding", layer!="{GLOBAL_LAYER}"'
+    layer_spikes = f"{schema.ANOMALIES.series}{{{spiking}}}"
+
+    def spiked_layers(found: str, after: str) -> str:
+        return top_layers(
+            o.run_labels,
+            schema.ANOMALIES.series,
+            spiking,
+            o.spike_window,
+            found=found,
+            after=after,
+            count=("collection", "collections"),
+        )
+
     return [
         alert(
             "GradmonTargetDown",
@@ -241,7 +267,17 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
             f"{nf} had NaN/Inf gradient entries that no GradScaler absorbed: the run has "
             "no active scaler (without AMP, NaN/Inf is never normal, skipped or not), or "
             "its scaler skipped no step, so they reached the optimizer. "
-            "gradmon_layer_nonfinite_steps_total names the layers.",
+            + top_layers(
+                o.run_labels,
+                schema.NONFINITE_ORIGIN.series,
+                "",
+                nf,
+                # Snapshot.nonfinite_origin, counted per step: where to look first.
+                found="NaN/Inf started in ",
+                after=" (gradmon_nonfinite_origin_total); ",
+                count=("step", "steps"),
+            )
+            + "gradmon_layer_nonfinite_steps_total names every layer it reached.",
         ),
         alert(
             "GradmonExplodingGradients",
@@ -263,7 +299,8 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
             f"  ({vanishing_ratio} * quantile by ({run}) (0.5, {rms}))\n"
             f")\n"
             f"unless on ({run}, layer)\n"
-            f"min by ({run}, layer) ({zeros}) == 1",
+            f"min by ({run}, layer) ({zeros}) == 1\n"
+            f"{structural}",
             o.vanishing_for,
             "warning",
             "Vanishing gradient in {{ $labels.layer }} ({{ $labels.job }})",
@@ -274,26 +311,52 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
         ),
         alert(
             "GradmonGradNormSpike",
-            f"max by ({run}) (\n"
-            f"  max_over_time({g}[{o.spike_window}])\n"
-            f"  / {baseline}\n"
-            f") > {spike}\n"
-            f"or\n"
+            # scope="global": the global norm against its lagged median.
+            f"label_replace(\n"
+            f"  max by ({run}) (\n"
+            f"    max_over_time({g}[{o.spike_window}])\n"
+            f"    / {baseline}\n"
+            f"  ) > {spike}\n"
+            f"  or\n"
             # Steps between scrapes: the histogram sees every collected step.
-            f"max by ({run}) (\n"
-            f"  histogram_quantile(1, rate({per_step}[{o.spike_window}])) / {width}\n"
-            f"  / {baseline}\n"
-            f") > {spike}",
+            f"  max by ({run}) (\n"
+            f"    histogram_quantile(1, rate({per_step}[{o.spike_window}])) / {width}\n"
+            f"    / {baseline}\n"
+            f"  ) > {spike},\n"
+            f'  "scope", "global", "", ""\n'
+            f")\n"
+            f"or\n"
+            # scope="layer": the layers the agent saw jump against their own history (a
+            # residual branch can jump 1000x with the global norm flat). One alert per
+            # run, valued the number of layers: a model-wide jump is no page per layer.
+            f"label_replace(\n"
+            f"  count by ({run}) (\n"
+            f"    sum by ({run}, layer) {since(layer_spikes, o.spike_window, LOOKBACK)} > 0\n"
+            f"  ),\n"
+            f'  "scope", "layer", "", ""\n'
+            f")",
             o.spike_for,
             "warning",
-            "Gradient norm spike in {{ $labels.job }}",
-            "The global gradient norm of {{ $labels.job }} reached "
+            '{{ if eq $labels.scope "layer" }}Gradient spike in a layer of {{ $labels.job }}'
+            "{{ else }}Gradient norm spike in {{ $labels.job }}{{ end }}",
+            '{{ if eq $labels.scope "layer" }}'
+            '{{ $value | printf "%.0f" }} layer(s) of {{ $labels.job }} jumped against their '
+            f"own recent history in the last {o.spike_window} (the agent's per-layer rule: "
+            f"health.spike_factor = {spike} times the layer's median norm, widened by its "
+            "spread): "
+            + spiked_layers("", ". ")
+            + "One layer alone is that layer (a residual branch, a custom backward, one "
+            "parameter group); many at once is a model-wide cause (learning rate, a bad "
+            "batch), the first named jumped at the most collections."
+            "{{ else }}The global gradient norm of {{ $labels.job }} reached "
             f"{value} times its median of the {o.spike_baseline} before "
-            f"(health.spike_factor = {spike}).",
+            f"(health.spike_factor = {spike})."
+            + spiked_layers(" Layers that jumped against their own history: ", ".")
+            + "{{ end }}",
         ),
         alert(
             "GradmonDeadLayer",
-            f"min by ({run}, layer) ({zeros}) == 1",
+            f"min by ({run}, layer) ({zeros}) == 1\n{structural}",
             o.dead_for,
             "warning",
             "Dead layer {{ $labels.layer }} ({{ $labels.job }})",
@@ -307,13 +370,28 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
             f"  or\n"
             f"  {scale} <= max_over_time({scale}[{o.loss_scale_window}])"
             f" / {drop}\n"
+            f")\n"
+            f"or on ({run})\n"
+            # A collapse lasts while the scale stays at its lowest and steps keep being
+            # skipped, also once the maximum has left the window: a scale pinned at a floor
+            # (DeepSpeed's min_loss_scale) does not halve any more. Only a collapse that
+            # fired goes on (its own ALERTS series), so a disabled GradScaler (1.0) under a
+            # loop that skips NaN steps is never one.
+            f"(\n"
+            f"  min by ({run}) ({scale} <= min_over_time({scale}[{skipping}]))\n"
+            f"  and on ({run})\n"
+            f"  max by ({run}) (increase({schema.SKIPPED_STEPS.series}[{skipping}])) > 0\n"
+            f"  and on ({run})\n"
+            f'  ALERTS{{alertname="GradmonLossScaleCollapse", alertstate="firing"}}\n'
             f")",
             o.loss_scale_for,
             "critical",
             "Loss scale collapsed in {{ $labels.job }}",
             f"The GradScaler loss scale of {{{{ $labels.job }}}} is {value}: below {floor}, "
             f"or {o.loss_scale_max_halvings}+ net halvings below its maximum of the last "
-            f"{o.loss_scale_window}. Steps are being skipped for inf/NaN gradients.",
+            f"{o.loss_scale_window}, or it collapsed and has stayed at its lowest while "
+            f"steps kept being skipped (in the last {skipping}; a scale pinned at a floor). "
+            "Steps are being skipped for inf/NaN gradients.",
         ),
         alert(
             "GradmonPushStale",
@@ -362,7 +440,7 @@ _Dumper.add_representer(str, _str)
 
 def _dump(data: Any) -> str:
     # Insertion order (sort_keys=False) and no line folding: byte-stable output.
-    text: str = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000)
+    text: str = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1 << 30)
     return text
 
 

@@ -13,6 +13,9 @@ Every collected step writes, at the snapshot's step:
 - `global/grad_norm`, `global/nonfinite` (0/1), `global/skipped` (0/1);
 - `anomalies/<kind>`: anomalies of each kind at this step (0 when none), and a text
   `anomalies` table (layer, kind, value) at the steps that had any;
+- where NaN/Inf started (`Snapshot.nonfinite_origin`), at the steps whose gradients held
+  any: `nonfinite_origin/<layer>` = 1 (a chart per origin, with a point at each such
+  step), and a text `nonfinite_origin` naming it and the layers that held NaN/Inf;
 - `scalar/<name>`: the values given to `Monitor.log()`;
 - every `tensorboard.histogram_every` collections, `grad_hist/<layer>`: a histogram of
   the layer's finite gradient entries (`histogram_bins` equal bins over [min, max]).

@@ -141,7 +141,8 @@ def open_writer(logdir: str, config: TensorboardConfig) -> tuple[Any, Any]:
 
 def custom_scalars_layout(activations: bool) -> dict[str, Any]:
     """A Custom Scalars layout that puts all layers of a statistic in one chart."""
-    tags = [t for t, _ in LAYER_TAGS] + ["grad_nonfinite", "update_ratio", "anomalies"]
+    tags = [t for t, _ in LAYER_TAGS]
+    tags += ["grad_nonfinite", "update_ratio", "anomalies", "nonfinite_origin"]
     if activations:
         tags += [t for t, _ in ACTIVATION_TAGS] + ["activation_nonfinite"]
     return {"gradmon (all layers)": {tag: ["Multiline", [rf"^{tag}/"]] for tag in tags}}
@@ -221,6 +222,9 @@ class EventFiles:
         for a in snap.anomalies:
             kinds[a.kind] = kinds.get(a.kind, 0) + 1
         values.extend((f"anomalies/{kind}", float(n)) for kind, n in kinds.items())
+        origin = snap.nonfinite_origin
+        if origin is not None:  # where NaN/Inf started: 1 at the steps it started there
+            values.append((f"nonfinite_origin/{origin}", 1.0))
         values.extend((f"scalar/{k}", to_float(v)) for k, v in item.scalars.items())
         bins = self._config.histogram_bins
         histograms = [histogram_args(hist, bins) for hist in item.histograms]
@@ -232,6 +236,10 @@ class EventFiles:
                 )
                 self._writer.add_text(
                     "anomalies", "| layer | kind | value |\n|---|---|---|\n" + rows, snap.step, wall
+                )
+            if origin is not None:
+                self._writer.add_text(
+                    "nonfinite_origin", _origin_text(snap, origin), snap.step, wall
                 )
             for hist_args in histograms:
                 for kwargs in hist_args:
@@ -249,6 +257,23 @@ class EventFiles:
         else:  # pragma: no cover - both libraries ship their protos
             for tag, v in values:
                 self._writer.add_scalar(tag, v, step, wall)
+
+
+def _origin_text(snap: Snapshot, origin: str) -> str:
+    """Markdown for the `nonfinite_origin` text summary of a step whose NaN/Inf started at
+    `origin`: what the origin is, and every layer whose gradient held NaN/Inf."""
+    where = (
+        "the first module in forward order whose output held NaN/Inf"
+        if origin in snap.activations
+        else "the first layer in backward order whose gradient held NaN/Inf"
+    )
+    bad = [name for name, s in snap.layers.items() if s.nan_count or s.inf_count]
+    shown = ", ".join(f"`{name}`" for name in bad[:20])
+    more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+    return (
+        f"NaN/Inf started in **`{origin}`** ({where}).\n\n"
+        f"Layers whose gradient held NaN/Inf at this step ({len(bad)}): {shown}{more}"
+    )
 
 
 @contextlib.contextmanager

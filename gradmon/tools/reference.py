@@ -265,6 +265,8 @@ PRESENCE: dict[str, str] = {
     "layer was measured",
     schema.LAYER_NONFINITE_STEPS.name: _LAYER_NOTE + " (from 0)",
     schema.NONFINITE_ORIGIN.name: "per layer (or module) that was the origin of NaN/Inf",
+    schema.GRAD_STRUCTURALLY_ZERO.name: "per exported layer the health rules found "
+    "structurally zero, while it is",
     **{f.name: _ACTIVATION_NOTE for f in (*schema.ACTIVATION_GAUGES, schema.ACTIVATION_NONFINITE)},
     **{
         f.name: "only in what `exporter.push` sends to a Pushgateway, not on /metrics"

@@ -451,6 +451,7 @@ def metric_names(expr: str) -> set[str]:
     e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
     e = re.sub(r"\{[^}]*\}", "", e)  # label matchers
     e = re.sub(r"\[[^\]]*\]", "", e)  # range windows
+    e = re.sub(r"\$\w+", "", e)  # Grafana variables (an offset $__range)
     e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", e)
     e = re.sub(r",\s*[a-zA-Z_]\w*\s*\)\s*$", ")", e) if expr.startswith("label_values(") else e
     names = set()
@@ -468,6 +469,7 @@ def test_metric_name_parser() -> None:
     ) == {"a_bucket"}
     assert metric_names('time() - max(b_seconds{x=~"y"}) or c > 1e-3') == {"b_seconds", "c"}
     assert metric_names('label_values(gradmon_info{job=~"$job"}, instance)') == {"gradmon_info"}
+    assert metric_names("d - d offset $__range or d") == {"d"}
     assert metric_names("topk(10, gradmon:layer_grad_norm:combined{})") == {
         "gradmon:layer_grad_norm:combined"
     }
@@ -503,6 +505,7 @@ def test_queries_only_use_exported_or_recorded_metrics(exposition: str) -> None:
         "gradmon_skipped_steps_total",
         "gradmon_loss_scale",
         "gradmon_anomalies_total",
+        "gradmon_nonfinite_origin_total",
         "gradmon_scalar",
         "gradmon_agent_errors_total",
         "gradmon_collect_duration_seconds_bucket",
@@ -539,6 +542,7 @@ def tool(name: str) -> str:
 # parameter (collect.granularity: parameter), a module has activation statistics.
 SUBSTITUTE = {
     "$__rate_interval": "1m",
+    "$__range": "10m",  # the whole series: promtool evaluates at 10m
     "$job": "gradmon",
     "$instance": "127.0.0.1:9400",
     "$rank": ".*",

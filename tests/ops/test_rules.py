@@ -190,6 +190,7 @@ def test_rule_options_flow_into_expressions() -> None:
         ({"run_labels": ("job", "bad-label")}, "run_labels"),
         ({"loss_scale_floor": 0.0}, "loss_scale_floor"),
         ({"loss_scale_max_halvings": 0}, "loss_scale_max_halvings"),
+        ({"loss_scale_skipping_window": "5 minutes"}, "loss_scale_skipping_window"),
     ],
 )
 def test_bad_options_name_the_field(kwargs: dict[str, Any], field: str) -> None:
@@ -327,3 +328,28 @@ def test_alertmanager_inhibit_rules() -> None:
     assert inhibits["GradmonNonFiniteGradients"] == debris
     assert inhibits["GradmonLossScaleCollapse"] == debris
     assert inhibits["GradmonExplodingGradients"] == debris | {"GradmonGradNormSpike"}
+
+
+def test_layer_naming_annotations_query_the_alerts_own_run() -> None:
+    """The descriptions that name layers run a query for the run of the alert, whatever
+    RuleOptions.run_labels are (promtool tests: deploy/prometheus/tests)."""
+    rendered = alerts(render(Config(), options=RuleOptions(run_labels=("cluster", "job"))))
+    for name in ("GradmonNonFiniteGradients", "GradmonGradNormSpike"):
+        text = rendered[name]["annotations"]["description"]
+        assert "| query }}" in text, name
+        assert "cluster=%[1]q, job=%[2]q" in text and "$labels.cluster $labels.job" in text, name
+    origin = rendered["GradmonNonFiniteGradients"]["annotations"]["description"]
+    assert "gradmon_nonfinite_origin_total{" in origin
+    spike = rendered["GradmonGradNormSpike"]
+    assert 'kind=~"spike|exploding", layer!="global"' in spike["expr"]
+    assert 'kind=~"spike|exploding", layer!="global"' in spike["annotations"]["description"]
+
+
+def test_loss_scale_collapse_lasts_only_once_it_fired() -> None:
+    """The pinned-at-a-floor branch goes on from the alert's own firing state, so a
+    disabled GradScaler (1.0) beside a loop that skips steps can never start it."""
+    expr = alerts(render(Config()))["GradmonLossScaleCollapse"]["expr"]
+    assert 'ALERTS{alertname="GradmonLossScaleCollapse", alertstate="firing"}' in expr
+    assert "increase(gradmon_skipped_steps_total[5m])) > 0" in expr
+    custom = alerts(render(Config(), options=RuleOptions(loss_scale_skipping_window="10m")))
+    assert "min_over_time(gradmon_loss_scale[10m])" in custom["GradmonLossScaleCollapse"]["expr"]

@@ -307,7 +307,8 @@ def test_exploding_run_fires_and_is_delivered(exploding: Run, webhook: WebhookRe
     assert {"exploding", "spike"} & set(exploding.result.anomaly_counts)
     # The norm passes 1e3 from step 11 and settles near 1e20 (the loss overflows, the
     # loop skips every later step): GradmonExplodingGradients fires after its `for`.
-    # GradNormSpike needs a baseline older than the run, so it is not expected.
+    # GradNormSpike's global scope needs a baseline older than the run; its layer scope
+    # (the agent's per-layer spikes) may fire at the onset, and is inhibited below.
     assert "GradmonExplodingGradients" in exploding.firing, exploding.states
     alert = exploding.alerts["GradmonExplodingGradients"]
     assert alert["labels"]["severity"] == "critical"
@@ -330,10 +331,13 @@ def test_exploding_run_fires_and_is_delivered(exploding: Run, webhook: WebhookRe
     if "nonfinite" not in exploding.result.anomaly_counts:
         assert "GradmonNonFiniteGradients" not in exploding.states, exploding.states
         assert "GradmonNonFiniteGradients" not in _delivered(webhook, exploding.job)
-    # Its debris (tanh saturation leaves dead layers below) is inhibited while it fires.
+    # Its debris (tanh saturation leaves dead layers below) is inhibited while it fires,
+    # and so is the spike: that may be delivered once before, at the onset (a warning
+    # naming the layers that jumped first), never while GradmonExplodingGradients fires.
     delivered = _delivered(webhook, exploding.job)
     for name in ("GradmonDeadLayer", "GradmonVanishingGradients", "GradmonGradNormSpike"):
-        assert "firing" not in delivered.get(name, ()), (name, delivered)
+        if name != "GradmonGradNormSpike":
+            assert "firing" not in delivered.get(name, ()), (name, delivered)
         beside = [
             p[name]
             for p in exploding.am_polls

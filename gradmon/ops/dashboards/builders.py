@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from typing import Self
 
 try:
+    from grafana_foundation_sdk.builders import bargauge as bargauge_b
     from grafana_foundation_sdk.builders import common as common_b
     from grafana_foundation_sdk.builders import dashboard as dash_b
     from grafana_foundation_sdk.builders import heatmap as heatmap_b
@@ -46,6 +47,7 @@ __all__ = [
     "SOURCE",
     "JSONEncoder",
     "Query",
+    "bargauge_b",
     "common_b",
     "common_m",
     "dash_b",
@@ -58,6 +60,7 @@ __all__ = [
     "series",
     "stat",
     "stat_b",
+    "ts_b",
     "variables",
 ]
 
@@ -99,13 +102,19 @@ def panel(
     w: int,
     h: int = 8,
     fmt: prom_m.PromQueryFormat | None = None,
+    instant: bool = False,
 ) -> P:
-    """The one panel helper: title, description, unit, size, ${datasource} and queries."""
+    """The one panel helper: title, description, unit, size, ${datasource} and queries
+    (range queries, or with `instant` one value per series at the end of the range)."""
     builder.title(title).description(description).datasource(DATASOURCE)
     builder.unit(unit).span(w).height(h)
     for i, (expr, legend) in enumerate(queries):
         target = prom_b.Dataquery().expr(expr).legend_format(legend).ref_id(chr(ord("A") + i))
-        target.datasource(DATASOURCE).range()
+        target.datasource(DATASOURCE)
+        if instant:
+            target.instant()
+        else:
+            target.range()
         if fmt is not None:
             target.format(fmt)
         builder.with_target(target)

@@ -1,5 +1,6 @@
 """`gradmon-overview`: global gradient norm (gauge and per-step histogram), NaN/Inf and
-skipped steps, loss scale, anomalies by kind and layer, logged scalars, agent health."""
+skipped steps, loss scale, anomalies by kind and layer, where NaN started, logged scalars,
+agent health."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from gradmon.ops.dashboards.builders import (
     RATE,
     SEL,
     SOURCE,
+    bargauge_b,
+    common_b,
     common_m,
     dash_b,
     dash_m,
@@ -19,7 +22,9 @@ from gradmon.ops.dashboards.builders import (
     series,
     stat,
     stat_b,
+    ts_b,
 )
+from gradmon.ops.rule_parts import since
 
 __all__ = ["overview"]
 
@@ -51,6 +56,62 @@ def _self_check() -> stat_b.Panel:
         )
     ).color_mode(common_m.BigValueColorMode.BACKGROUND)
     return check
+
+
+def _origin_since(window: str) -> str:
+    """Per series, what gradmon_nonfinite_origin_total added over `window` (the agent
+    creates a layer's series at its first count, which increase() would miss)."""
+    return since(f"{schema.NONFINITE_ORIGIN.series}{{{SEL}}}", window)
+
+
+def _nan_origin() -> list[bargauge_b.Panel | ts_b.Panel]:
+    """Where NaN/Inf started (Snapshot.nonfinite_origin): steps by origin over the
+    dashboard's range, and when each layer was the origin."""
+    desc = (
+        "the first layer in backward order whose gradient held NaN/Inf (with "
+        "collect.activations: the first module in forward order whose output did), counted "
+        "per collected step with NaN/Inf (gradmon_nonfinite_origin_total)"
+    )
+    ranking = panel(
+        bargauge_b.Panel(),
+        "Where NaN started",
+        f"Collected steps over the dashboard's time range whose NaN/Inf started in each "
+        f"layer: {desc}. The top bar is where to look first; its neighbours in the model "
+        "only received the NaN. Empty when no step held NaN/Inf.",
+        [
+            (
+                f"sort_desc(topk(20, sum by (layer) {_origin_since('$__range')} > 0))",
+                "{{layer}}",
+            )
+        ],
+        unit="short",
+        w=8,
+        instant=True,
+    )
+    ranking.orientation(common_m.VizOrientation.HORIZONTAL).min(0)
+    ranking.display_mode(common_m.BarGaugeDisplayMode.BASIC)
+    ranking.value_mode(common_m.BarGaugeValueMode.TEXT)
+    ranking.name_placement(common_m.BarGaugeNamePlacement.LEFT).show_unfilled(True)
+    ranking.sizing(common_m.BarGaugeSizing.AUTO)
+    ranking.min_viz_width(8).min_viz_height(16).max_viz_height(300)
+    ranking.reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+    ranking.legend(  # Grafana's bar gauge options require one; the bars carry the names
+        common_b.VizLegendOptions()
+        .display_mode(common_m.LegendDisplayMode.LIST)
+        .placement(common_m.LegendPlacement.BOTTOM)
+        .show_legend(False)
+        .calcs([])
+    )
+    over_time = series(
+        "Where NaN started, over time",
+        f"Per rate window, the collected steps whose NaN/Inf started in each layer: {desc}. "
+        "The last bars are the most recent origin.",
+        [(f"sum by (layer) {_origin_since(RATE)} > 0", "{{layer}}")],
+        unit="short",
+        w=16,
+        bars=True,
+    )
+    return [ranking, over_time]
 
 
 def overview() -> dash_m.Dashboard:
@@ -119,7 +180,8 @@ def overview() -> dash_m.Dashboard:
         "gradmon-overview",
         "gradmon / Overview",
         "Gradient health of a PyTorch training job monitored by gradmon: global norm, "
-        "NaN/Inf and skipped steps, loss scale, anomalies, logged scalars, agent health.",
+        "NaN/Inf and skipped steps, loss scale, anomalies, where NaN started, logged scalars, "
+        "agent health.",
         [
             (
                 "Run",
@@ -251,6 +313,7 @@ def overview() -> dash_m.Dashboard:
                         ],
                         bars=True,
                     ),
+                    *_nan_origin(),
                 ],
             ),
             (
