@@ -7,6 +7,8 @@ reversed), and the medians over rounds are compared. Added host time per tensor 
 step = (arm - none) / N. Arms:
 
 - none: training only;
+- none again: training only, on a second copy: its difference to `none` is the noise
+  floor of this measurement (copies differ in where their tensors landed in memory);
 - gradmon: `gradmon.attach(model, opt)`, every step collected, health on, exporter on
   (a real server on port 0, not scraped), `exporter.max_layers` N;
 - gradmon k=10: the same with `collect.every_n_steps: 10`, its mean over all steps
@@ -66,6 +68,7 @@ def arms(
 
     extra: dict[str, Callable[[nn.Module], object]] = {
         "none": nothing,
+        "none again": nothing,
         "gradmon": nothing,
         "gradmon k=10": nothing,
         "not collected": nothing,
