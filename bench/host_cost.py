@@ -7,8 +7,9 @@ reversed), and the medians over rounds are compared. Added host time per tensor 
 step = (arm - none) / N. Arms:
 
 - none: training only;
-- none again: training only, on a second copy: its difference to `none` is the noise
-  floor of this measurement (copies differ in where their tensors landed in memory);
+- none again: training only, on a second copy. The baseline is the mean of the two;
+  half their gap is shown as the noise (±) of the measurement (copies differ in where
+  their tensors landed in memory, and the machine is shared);
 - gradmon: `gradmon.attach(model, opt)`, every step collected, health on, exporter on
   (a real server on port 0, not scraped), `exporter.max_layers` N;
 - gradmon k=10: the same with `collect.every_n_steps: 10`, its mean over all steps
@@ -145,21 +146,26 @@ def main() -> None:
     for n in args.sizes:
         rounds = max(10, args.rounds * 1000 // max(n, 1000))
         med = measure(n, -(-rounds // 10) * 10, args.warmup)  # a multiple of 10
-        base = med["none"]
-        added = {k: (v - base) / n * 1e6 for k, v in med.items() if k != "none"}
-        rows.append({"tensors": n, "none_ms": base * 1e3, "added_us_per_tensor": added})
+        # The baseline is both untouched copies' mean; half their gap is the noise (±).
+        none, again = med.pop("none"), med.pop("none again")
+        base = (none + again) / 2
+        added = {k: (v - base) / n * 1e6 for k, v in med.items()}
+        noise = abs(none - again) / 2 / n * 1e6
+        rows.append(
+            {"tensors": n, "none_ms": base * 1e3, "noise_us": noise, "added_us_per_tensor": added}
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     arms_shown = list(rows[0]["added_us_per_tensor"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; added host time per")
     print("tensor per step (us), medians over rounds with alternating arm order")
-    print("| N | step, none (ms) | " + " | ".join(arms_shown) + " |")
-    print("|---|---|" + "---|" * len(arms_shown))
+    print("| N | step, none (ms) | noise (±) | " + " | ".join(arms_shown) + " |")
+    print("|---|---|---|" + "---|" * len(arms_shown))
     for row in rows:
         added = row["added_us_per_tensor"]
         cells = " | ".join(f"{added[a]:.1f}" for a in arms_shown)  # type: ignore[index]
-        print(f"| {row['tensors']} | {row['none_ms']:.1f} | {cells} |")
+        print(f"| {row['tensors']} | {row['none_ms']:.1f} | {row['noise_us']:.1f} | {cells} |")
 
 
 if __name__ == "__main__":
