@@ -1,6 +1,5 @@
 """How many of gradmon's gradient hooks a backward runs: counted by watching the Python
-calls of a real backward (CPU autograd runs the hooks on the calling thread), since the
-hooks sit on autograd's AccumulateGrad nodes, which torch lets nobody list."""
+calls of a real backward (CPU autograd runs the hooks on the calling thread)."""
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ def grad_hook_calls(run: Callable[[], object]) -> int:
     def profile(frame: FrameType, event: str, _arg: Any) -> None:
         nonlocal calls
         code = frame.f_code
-        if event == "call" and code.co_name == "on_grad" and code.co_filename.endswith(_HOOK_FILE):
+        if event == "call" and code.co_name == "note" and code.co_filename.endswith(_HOOK_FILE):
             calls += 1
 
     sys.setprofile(profile)

@@ -117,6 +117,25 @@ def test_gradient_hooks_only_for_the_backwards_that_learn_the_order(net: SmallNe
     assert grad_hooks(model) == 0
 
 
+def test_between_learning_backwards_no_parameter_carries_a_hook() -> None:
+    """A removed tensor hook still costs a call into Python per parameter per backward
+    unless the tensor's hook dict is cleared (None); a hook of the user's stays."""
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen: list[int] = []
+    model.used.weight.register_hook(lambda g: seen.append(1))  # type: ignore[no-untyped-call]
+    with gradmon.attach(model, opt, config=NO_SERVER):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+        for name, p in model.named_parameters():
+            if name != "used.weight":
+                assert p._backward_hooks is None, name
+        assert len(model.used.weight._backward_hooks) == 1  # the user's
+    assert len(seen) == 3
+
+
 def test_a_collection_with_nan_relearns_the_order_at_the_next() -> None:
     model = Branchy()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)

@@ -3,9 +3,9 @@
 Hooks hold their monitor weakly and call only its hook protocol (`StepListener`); they
 never keep a model or monitor alive.
 
-- Gradient hooks (on the parameters' AccumulateGrad nodes) note the order in which
-  parameters received a gradient: a list store, nothing else, and only in the backwards
-  GradArrivals asks for.
+- Gradient hooks (tensor hooks on the parameters) note the order in which parameters
+  received a gradient: a list store, nothing else, and only in the backwards
+  GradArrivals asks for; removed in full in between.
 - Step hooks: a compiled `optimizer.step()` calls them as an opaque custom op
   (`gradmon::step_hook`, no graph break, with every backend: aot_eager and inductor);
   they reach their monitor through an int key, which dynamo can guard on, not through a
@@ -28,7 +28,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.autograd.graph import Node, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from gradmon.agent import distributed
@@ -76,26 +75,18 @@ class GradArrivals:
 
     def __init__(self, count: int) -> None:
         self.order = [0] * count  # written by the hooks: 1-based rank of first arrival
-        self.tick = [0]  # the last rank given; a list, so hooks update it in place
+        self.tick = [0]  # the last rank given
         self._learned = np.zeros(count)
         self._since = RELEARN_EVERY  # collections since one learned: learn at once
 
-    def hook(self, index: int, held: list[Any]) -> Callable[..., None]:
-        """The hook of parameter `index`'s gradient accumulator (a Node post hook, called
-        with the node's grad inputs and outputs): runs once per parameter per backward,
-        so it is one closure with a few list operations and no further call. The first
-        one to run lets go of the `held` accumulators: the running graph holds those it
-        uses, and frees them (and their hooks) when it is done."""
-        order, tick = self.order, self.tick
-
-        def on_grad(*_grads: object) -> None:
-            if held:
-                held.clear()
-            if not order[index]:
-                tick[0] += 1
-                order[index] = tick[0]
-
-        return on_grad
+    def note(self, index: int, *_grad: object) -> None:
+        """The gradient hook of parameter `index` (`functools.partial(note, index)`, a
+        tensor hook: called with the gradient about to be accumulated, returns None so it
+        is kept): runs once per parameter per backward, so it does a few list operations
+        and no further call."""
+        if not self.order[index]:
+            self.tick[0] += 1
+            self.order[index] = self.tick[0]
 
     def wants_order(self) -> bool:
         """Whether the next collected step's backward should be hooked. Not when the
@@ -276,7 +267,6 @@ class TorchHooks:
         self._param_refs = param_refs
         self._arrivals = arrivals
         self._handles: list[RemovableHandle] = []
-        self._accumulators: list[Node] = []
         self._step_handles: list[RemovableHandle] = []
         self._key: int | None = None
         self._unwatch_scaler: Callable[[], None] | None = None
@@ -287,35 +277,34 @@ class TorchHooks:
             self._unwatch_scaler = watch_scaler(scaler, listener)
 
     def watch_grads(self, on: bool) -> None:
-        """Hook (on) the parameters' gradient accumulators for the next backward, whose
-        order GradArrivals asks for, or unhook them.
+        """Hook (on) the parameters' gradients for the next backward, whose order
+        GradArrivals asks for, or unhook them.
 
-        The hooks go on the AccumulateGrad nodes, not on the parameters
-        (`register_post_accumulate_grad_hook`): a tensor hook, once registered, leaves
-        autograd calling into Python for that parameter in every later backward even
-        after its removal (~1.5 us a parameter, measured), while a node nobody holds is
-        freed with the graph of its backward, its hooks with it. The nodes are held here
-        from hooking until that backward begins (and each holds its parameter, so a
-        parameter replaced in between lives until then). Hooking costs ~6 us a
-        parameter, only before learning backwards. (Where something else holds the
-        accumulators, as DistributedDataParallel does, a removed hook leaves its empty
-        call behind.)"""
-        if on and self._accumulators:
-            return  # hooked, and its backward has not begun
-        for handle in self._handles:
-            handle.remove()  # a no-op for the hooks of nodes already freed
-        self._handles.clear()
-        self._accumulators.clear()
-        if not on:
+        Tensor hooks (`register_hook`), removed in full: once a Python hook has been
+        registered on a tensor, autograd calls into Python for it in every later backward
+        even after `handle.remove()` (~1.5 us a parameter, measured; so do
+        `register_post_accumulate_grad_hook` and hooks on AccumulateGrad nodes). Setting
+        a tensor's `_backward_hooks` to None clears its hooks in C++ too; it is done only
+        where no hook of anyone else's is left in that dict. Hooking costs ~3 us a
+        parameter, only before learning backwards."""
+        if on == bool(self._handles):
             return
-        held = self._accumulators
+        if not on:
+            for handle in self._handles:
+                handle.remove()  # torch tolerates removal while it runs them
+            self._handles.clear()
+            for ref in self._param_refs:
+                param = ref()
+                hooks = None if param is None else param._backward_hooks
+                if hooks is not None and not hooks:  # an empty dict: clear it in C++ too
+                    param._backward_hooks = None  # type: ignore[union-attr]
+            return
+        note = self._arrivals.note
         for index, ref in enumerate(self._param_refs):
             param = ref()
-            if param is None or not param.requires_grad:
-                continue
-            node = get_gradient_edge(param).node  # the parameter's AccumulateGrad
-            held.append(node)  # until the next forward's graph holds it (see hook())
-            self._handles.append(node.register_hook(self._arrivals.hook(index, held)))
+            if param is not None and param.requires_grad:
+                hook = functools.partial(note, index)
+                self._handles.append(param.register_hook(hook))  # type: ignore[no-untyped-call]
 
     def _install_step_hooks(
         self, listener: StepListener, optimizer: torch.optim.Optimizer, post_step: bool
