@@ -1,0 +1,169 @@
+"""A run that finished cleanly stays on /metrics until its scrapers have seen
+gradmon_run_finished 1 (so GradmonTargetDown does not page for it), bounded, and only
+when something scrapes it: real HTTP scrapes of a real monitor on port 0."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import gradmon
+from gradmon import GradmonError
+from gradmon.export.scrapes import Scrapes
+from tests.conftest import SmallNet, train_step
+
+FINISHED = re.compile(r"^gradmon_run_finished ([0-9.]+)$", re.M)
+
+
+def finished_in(body: str) -> float | None:
+    found = FINISHED.search(body)
+    return float(found.group(1)) if found else None
+
+
+class Scraper:
+    """Scrapes a port every `interval` seconds from a thread, keeping each answer."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.interval = interval
+        self.bodies: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        while len(self.bodies) < 2:  # two scrapes: the interval is known
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    self.bodies.append(response.read().decode())
+            except (urllib.error.URLError, OSError):
+                return  # the server is gone
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def config(**exporter: Any) -> dict[str, Any]:
+    return {"exporter": {"port": 0, **exporter}}
+
+
+@pytest.fixture
+def run() -> Iterator[tuple[SmallNet, torch.optim.Optimizer]]:
+    net = SmallNet()
+    yield net, torch.optim.SGD(net.parameters(), lr=0.01)
+
+
+def timed_close(mon: gradmon.Monitor) -> float:
+    started = time.monotonic()
+    mon.close()
+    return time.monotonic() - started
+
+
+def test_unscraped_run_closes_at_once_and_says_it_finished(run: Any) -> None:
+    net, opt = run
+    mon = gradmon.attach(net, opt, config=config())
+    train_step(net, opt)
+    assert mon.registry.get_sample_value("gradmon_run_finished") == 0
+    assert timed_close(mon) < 0.5  # nothing scraped: no lingering, whatever linger_seconds
+    assert mon.registry.get_sample_value("gradmon_run_finished") == 1
+
+
+def test_close_waits_for_the_scrape_that_sees_the_finish(run: Any) -> None:
+    net, opt = run
+    mon = gradmon.attach(net, opt, config=config())
+    assert mon.port is not None
+    with Scraper(mon.port, interval=0.3) as scraper:
+        train_step(net, opt)
+        before = len(scraper.bodies)
+        took = timed_close(mon)
+        scraper.stop()
+    assert all(finished_in(b) == 0 for b in scraper.bodies[:before])
+    assert finished_in(scraper.bodies[-1]) == 1  # the final scrape saw the clean finish
+    assert took <= 2 * 0.3 + 1.0 + 0.5  # the next scrape, at most two intervals (+1 s)
+
+
+def test_a_scraper_that_stopped_costs_two_of_its_intervals_at_most(run: Any) -> None:
+    net, opt = run
+    mon = gradmon.attach(net, opt, config=config())
+    assert mon.port is not None
+    with Scraper(mon.port, interval=0.2):
+        train_step(net, opt)
+    # e.g. the target was removed from Prometheus: nobody comes, close() gives up soon,
+    # not after exporter.linger_seconds (60 s).
+    assert 0.1 < timed_close(mon) < 2 * 0.2 + 1.0 + 0.5
+
+
+def test_linger_seconds_bounds_the_wait_and_zero_turns_it_off(run: Any) -> None:
+    net, opt = run
+    for linger, bound in ((0.3, 0.8), (0, 0.3)):
+        mon = gradmon.attach(net, opt, config=config(linger_seconds=linger))
+        assert mon.port is not None
+        with Scraper(mon.port, interval=0.1) as scraper:
+            scraper.interval = 30.0  # slower from now on: the next scrape is far away
+            time.sleep(0.15)
+            assert timed_close(mon) < bound
+
+
+def test_a_run_that_ended_in_an_exception_is_not_finished_and_does_not_linger(
+    run: Any,
+) -> None:
+    net, opt = run
+    mon = gradmon.attach(net, opt, config=config())
+    assert mon.port is not None
+    with Scraper(mon.port, interval=0.1) as scraper:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError), mon:
+            raise RuntimeError("training failed")
+        took = time.monotonic() - started
+    assert took < 0.5
+    assert finished_in(scraper.bodies[-1]) == 0
+    assert mon.registry.get_sample_value("gradmon_run_finished") == 0
+
+
+@pytest.mark.parametrize("value", [-1, "forever", 1e9, float("nan")])
+def test_bad_linger_seconds_is_an_error_naming_the_key(value: object) -> None:
+    with pytest.raises(GradmonError, match=r"exporter\.linger_seconds"):
+        gradmon.attach(SmallNet(), config=config(linger_seconds=value))
+
+
+def test_every_scraper_that_is_still_scraping_is_waited_for() -> None:
+    """A Prometheus HA pair scrapes from two addresses: each must see the finish."""
+    scrapes = Scrapes()
+    now = scrapes.clock()
+    for t in (now - 0.4, now - 0.2):
+        scrapes.completed("10.0.0.1", t)
+        scrapes.completed("10.0.0.2", t)
+    scrapes.completed("10.0.0.3", now - 60)  # seen once, long ago: not expected
+    since = scrapes.clock()
+
+    def second_prometheus() -> None:
+        time.sleep(0.1)
+        scrapes.completed("10.0.0.1", since + 0.01)
+        time.sleep(0.2)
+        scrapes.completed("10.0.0.2", since + 0.2)
+
+    threading.Thread(target=second_prometheus, daemon=True).start()
+    started = time.monotonic()
+    assert scrapes.wait_for_final(since, limit=10) == []
+    assert 0.25 < time.monotonic() - started < 1.0
+    # A scrape that started before the finish does not count.
+    scrapes.completed("10.0.0.1", since - 0.01)
+    assert scrapes.wait_for_final(scrapes.clock(), limit=0.2) == ["10.0.0.1", "10.0.0.2"]
