@@ -173,7 +173,9 @@ def test_rule_options_flow_into_expressions() -> None:
         k8s_labels={"release": "monitoring"},
     )
     rendered = alerts(render(Config(), options=opts))
-    assert rendered["GradmonTargetDown"]["expr"] == 'up{job="trainer"} == 0'
+    assert rendered["GradmonTargetDown"]["expr"] == (
+        'up{job="trainer"} == 0\nunless on (cluster, job, instance)\ngradmon:run_finished:last == 1'
+    )
     stalled = rendered["GradmonTrainingStalled"]["expr"]
     assert "[30m]" in stalled and "by (cluster, job)" in stalled
     url = rendered["GradmonDeadLayer"]["annotations"]["runbook_url"]
