@@ -1,15 +1,18 @@
 """A run that finished cleanly stays on /metrics until its scrapers have seen
 gradmon_run_finished 1 (so GradmonTargetDown does not page for it), bounded, and only
-when something scrapes it: real HTTP scrapes of a real monitor on port 0."""
+when something scrapes it: real HTTP scrapes of a real monitor on port 0, and a real
+Prometheus (gradmon.tools.localstack) with the shipped rules, time-scaled."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +21,9 @@ import torch
 import gradmon
 from gradmon import GradmonError
 from gradmon.export.scrapes import Scrapes
+from gradmon.ops.rules import render
+from gradmon.tools.demo.rules import demo_options
+from gradmon.tools.localstack import LocalStack, MissingBinaryError, Target, find_binary
 from tests.conftest import SmallNet, train_step
 
 FINISHED = re.compile(r"^gradmon_run_finished ([0-9.]+)$", re.M)
@@ -167,3 +173,72 @@ def test_every_scraper_that_is_still_scraping_is_waited_for() -> None:
     # A scrape that started before the finish does not count.
     scrapes.completed("10.0.0.1", since - 0.01)
     assert scrapes.wait_for_final(scrapes.clock(), limit=0.2) == ["10.0.0.1", "10.0.0.2"]
+
+
+# ----------------------------------------------------------- a real Prometheus scraping
+def _stack(tmp_path: Path) -> LocalStack:
+    try:
+        find_binary("prometheus")
+        find_binary("alertmanager")
+    except MissingBinaryError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc}; CI is set, so the end-to-end check cannot be skipped")
+        pytest.skip(str(exc))
+    rules = tmp_path / "rules.yml"
+    # The shipped rules, windows 60x shorter: GradmonTargetDown `for` 5s, the finish kept
+    # past a 10 s finished_window.
+    rules.write_text(render(gradmon.Config(), options=demo_options()), encoding="utf-8")
+    return LocalStack([rules])
+
+
+def _one(stack: LocalStack, expr: str) -> float | None:
+    result = stack.query(expr)
+    return float(result[0]["value"][1]) if result else None
+
+
+@pytest.mark.slow
+def test_prometheus_sees_the_finish_and_pages_only_for_the_run_that_died(
+    tmp_path: Path,
+) -> None:
+    with _stack(tmp_path) as stack:
+        runs = {}
+        for name in ("finished", "crashed"):
+            net = SmallNet()
+            opt = torch.optim.SGD(net.parameters(), lr=0.01)
+            mon = gradmon.attach(net, opt, config=config())
+            stack.set_target(Target(f"127.0.0.1:{mon.port}", job=f"gradmon-{name}"))
+            runs[name] = (mon, net, opt)
+        try:
+            for name, (_, net, opt) in runs.items():
+                stack.wait_for_scrape(f"gradmon-{name}")
+                train_step(net, opt)
+            # Scraped at 1 s for a while, stepped: the scrape interval is known.
+            deadline = time.monotonic() + 30
+            while (_one(stack, 'sum(count_over_time(up{job=~"gradmon-.*"}[1m]))') or 0) < 6:
+                assert time.monotonic() < deadline, "Prometheus does not scrape the runs"
+                time.sleep(0.2)
+            finished, crashed = runs["finished"][0], runs["crashed"][0]
+            assert timed_close(finished) < 2 * 1.0 + 1.0 + 0.5  # the next 1 s scrape
+            with pytest.raises(RuntimeError), crashed:
+                raise RuntimeError("training failed")
+            closed = time.monotonic()
+            # The final scrape of the clean run said so; the crashed run's last said 0.
+            last = 'last_over_time(gradmon_run_finished{{job="gradmon-{}"}}[1m])'
+            assert _one(stack, last.format("finished")) == 1
+            assert _one(stack, last.format("crashed")) == 0
+            # GradmonTargetDown (for: 5s) fires for the crashed run, never for the finished
+            # one, also once its final scrape is older than finished_window (10 s).
+            states: dict[str, set[str]] = {"gradmon-finished": set(), "gradmon-crashed": set()}
+            while time.monotonic() < closed + 20:
+                for alert in stack.alerts():
+                    if alert["labels"]["alertname"] == "GradmonTargetDown":
+                        states[alert["labels"]["job"]].add(alert["state"])
+                time.sleep(0.5)
+            assert "firing" in states["gradmon-crashed"], states
+            assert "firing" not in states["gradmon-finished"], states
+            assert _one(stack, 'up{job="gradmon-finished"}') == 0
+            assert _one(stack, 'gradmon:run_finished:last{job="gradmon-finished"}') == 1
+        finally:
+            for name, (mon, _, _) in runs.items():
+                mon.close()
+                stack.remove_target(f"gradmon-{name}")
