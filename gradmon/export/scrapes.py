@@ -3,11 +3,13 @@ run's final state (gradmon_run_finished 1) is scraped before the endpoint goes a
 
 A scraper is a client address (a Prometheus HA pair scrapes from two). A scrape counts
 once its whole answer was handed to the socket, and it saw what was current when it
-started. `wait_for_final(since, limit)` waits until every scraper still on its schedule
-has completed a scrape that started after `since`, each for at most two of its own
-intervals (+1 s) past its latest scrape, all for at most `limit` seconds, and not at all
-when nothing scraped: a scraper that stopped, or a target already removed from
-Prometheus, costs that bound at most, and a script nobody scrapes never waits.
+started. A scraper is periodic once its last two intervals agree (Prometheus scrapes like
+a clock; a person's curl or a script's one-off fetch does not). `wait_for_final(since,
+limit)` waits until every periodic scraper still on its schedule has completed a scrape
+that started after `since`: each for at most two of its intervals (+ up to 1 s) past its
+latest scrape, all for at most `limit` seconds, and not at all when no periodic scraper
+is on schedule. A scraper that stopped, or a target already removed from Prometheus,
+costs that bound at most, and a script nobody scrapes never waits.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from typing import Any
 __all__ = ["Scrapes", "observed"]
 
 # Past a scraper's expected next scrape (its latest + its interval) it may be late by
-# another interval (one missed scrape, e.g. a timeout) and this much jitter.
+# another interval (one missed scrape, e.g. a timeout) and this much jitter (or one more
+# interval, when that is shorter).
 _GRACE_SECONDS = 1.0
+# Two intervals of one scraper agree when they differ by at most this fraction (+ 50 ms).
+_PERIODIC_TOLERANCE = 0.25
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -31,6 +36,15 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 class _Scraper:
     last: float  # when its latest completed scrape started (clock seconds)
     interval: float | None = None  # between the starts of its latest two
+    before: float | None = None  # the interval before that
+
+    @property
+    def period(self) -> float | None:
+        """Its interval, when its last two agree (a scraper on a schedule)."""
+        if self.interval is None or self.before is None:
+            return None
+        slack = _PERIODIC_TOLERANCE * max(self.interval, self.before) + 0.05
+        return self.interval if abs(self.interval - self.before) <= slack else None
 
 
 class Scrapes:
@@ -49,20 +63,20 @@ class Scrapes:
             if seen is None:
                 self._scrapers[scraper] = _Scraper(started)
             elif started > seen.last:  # two scrapes of one client may end out of order
-                seen.interval, seen.last = started - seen.last, started
+                seen.before, seen.interval = seen.interval, started - seen.last
+                seen.last = started
             self.total += 1
             self._cond.notify_all()
 
     def _deadlines(self, since: float, limit: float) -> dict[str, float]:
-        """The scrapers expected to scrape again after `since`, each with the time by which
-        it should have: ones still on their schedule then, and ones seen once within
-        `limit` seconds (their interval is not known yet)."""
+        """The periodic scrapers still on their schedule at `since`, each with the time by
+        which it should have scraped again."""
         out = {}
         for name, s in self._scrapers.items():
-            if s.interval is None:
-                deadline = s.last + limit if since - s.last < limit else since
-            else:
-                deadline = s.last + 2 * s.interval + _GRACE_SECONDS
+            period = s.period
+            if period is None:
+                continue
+            deadline = s.last + 2 * period + min(period, _GRACE_SECONDS)
             if deadline > since:
                 out[name] = min(deadline, since + limit)
         return out
