@@ -280,15 +280,19 @@ def test_promtool_tests_cover_every_alert() -> None:
 def test_prometheus_config() -> None:
     conf = yaml.safe_load((PROM / "prometheus.yml").read_text(encoding="utf-8"))
     assert conf["rule_files"] == ["rules/gradmon.rules.yml"]
-    (job,) = conf["scrape_configs"]
+    job, gateway = conf["scrape_configs"]
     assert job["job_name"] == "gradmon" and job["scrape_interval"] == "15s"
+    # exporter.push: the Pushgateway (Debian's listens on 9091), the pushed labels kept.
+    assert gateway["job_name"] == "pushgateway" and gateway["honor_labels"] is True
+    assert gateway["static_configs"][0]["targets"] == ["127.0.0.1:9091"]
     port = ExporterConfig().port
     assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{port}"]
     assert job["sample_limit"] >= 11 * ExporterConfig().max_layers + 80
     am = conf["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
     assert am == ["127.0.0.1:9093"]
-    result = run(tool("promtool"), "check", "config", PROM / "prometheus.yml")
-    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("prometheus.yml", "prometheus.compose.yml"):
+        result = run(tool("promtool"), "check", "config", PROM / name)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_alertmanager_config() -> None:
