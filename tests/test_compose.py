@@ -1,7 +1,8 @@
 """deploy/compose.yaml is safe by default: every port on loopback unless GRADMON_BIND says
 otherwise, no default Grafana password (compose refuses to start without one), no
-Prometheus lifecycle or admin API. Every image is pinned, and the compose Prometheus
-scrapes the agent and the Pushgateway (exporter.push) the way the README says.
+Prometheus lifecycle or admin API. The compose Prometheus scrapes the Pushgateway
+(exporter.push) the way the README says. (Pinned images, mounts and the agent's scrape
+job: tests/ops/test_dashboards.py.)
 
 Compose's variable interpolation (`${VAR:-default}`, `${VAR:?error}`) is applied here as
 compose documents it, so the checks hold without Docker (Docker's compose plugin is not a
@@ -122,18 +123,12 @@ def test_prometheus_has_no_lifecycle_or_admin_api() -> None:
     assert "kill -s SIGHUP prometheus" in COMPOSE.read_text(encoding="utf-8")
 
 
-def test_every_image_is_pinned_to_a_release() -> None:
-    for name, service in compose(**OK)["services"].items():
-        image = service["image"]
-        assert re.fullmatch(r"[\w./-]+:v?[0-9]+\.[0-9]+\.[0-9]+", image), (name, image)
-
-
 def _scrape_jobs() -> dict[str, dict[str, Any]]:
     conf = yaml.safe_load(COMPOSE_PROMETHEUS.read_text(encoding="utf-8"))
     return {job["job_name"]: job for job in conf["scrape_configs"]}
 
 
-def test_prometheus_scrapes_the_agent_and_the_pushgateway() -> None:
+def test_prometheus_scrapes_the_pushgateway_service_with_honor_labels() -> None:
     services = compose(**OK)["services"]
     mounted = services["prometheus"]["volumes"][0].split(":")
     assert mounted[0] == "./prometheus" and mounted[1] == "/etc/prometheus"
@@ -141,7 +136,6 @@ def test_prometheus_scrapes_the_agent_and_the_pushgateway() -> None:
     assert f"--config.file=/etc/prometheus/{COMPOSE_PROMETHEUS.name}" in command
     jobs = _scrape_jobs()
     assert set(jobs) == {"gradmon", "pushgateway"}
-    assert jobs["gradmon"]["static_configs"][0]["targets"] == ["host.docker.internal:9400"]
     # The pushed job/instance/grouping labels stay the run's: the rules select on them.
     gateway = jobs["pushgateway"]
     assert gateway["honor_labels"] is True

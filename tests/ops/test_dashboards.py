@@ -641,12 +641,13 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
 
 def test_compose_images_are_pinned() -> None:
     services = compose()["services"]
-    assert set(services) == {"prometheus", "alertmanager", "grafana"}
+    assert set(services) == {"prometheus", "alertmanager", "pushgateway", "grafana"}
     for name, service in services.items():
         image = service["image"]
         assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), f"{name}: {image} not pinned"
     assert services["prometheus"]["image"].startswith("prom/prometheus:v2.53.")
     assert services["alertmanager"]["image"].startswith("prom/alertmanager:v0.27.")
+    assert services["pushgateway"]["image"].startswith("prom/pushgateway:v1.")
     assert services["grafana"]["image"].startswith("grafana/grafana:11.")
 
 
@@ -670,14 +671,17 @@ def test_compose_prometheus_scrapes_the_host_and_alerts_alertmanager() -> None:
     assert "host.docker.internal:host-gateway" in prom["extra_hosts"]
     path = DEPLOY / "prometheus" / "prometheus.compose.yml"
     conf = yaml.safe_load(path.read_text(encoding="utf-8"))
-    (job,) = conf["scrape_configs"]
+    job, gateway = conf["scrape_configs"]
     assert job["static_configs"][0]["targets"] == ["host.docker.internal:9400"]
+    assert gateway["static_configs"][0]["targets"] == ["pushgateway:9091"]
     am = conf["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
     assert am == ["alertmanager:9093"]
     # Apart from the addresses, the same as the no-Docker config.
     plain = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text("utf-8"))
     for conf_ in (conf, plain):
-        del conf_["scrape_configs"][0]["static_configs"], conf_["alerting"]
+        for scrape in conf_["scrape_configs"]:
+            del scrape["static_configs"]
+        del conf_["alerting"]
     assert conf == plain
     result = subprocess.run(
         [tool("promtool"), "check", "config", str(path)],
