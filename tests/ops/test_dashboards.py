@@ -27,6 +27,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dash_m
 from prometheus_client.parser import text_string_to_metric_families
 
+from gradmon.export.schema import AGENT_STAGES
 from gradmon.ops.dashboards import DASHBOARD_FILES, build, render
 from gradmon.ops.rules import recording_rules
 from gradmon.tools.cli import main as cli_main
@@ -402,6 +403,15 @@ def test_panels_are_described_and_have_units(uid: str) -> None:
             assert unit == "s", p["title"]
         refs = [t["refId"] for t in p["targets"]]
         assert len(refs) == len(set(refs)), p["title"]
+
+
+def test_agent_errors_panel_names_every_stage() -> None:
+    (panel,) = [
+        p for p in panels(load("gradmon-overview")) if p["title"] == "Agent errors by stage"
+    ]
+    named = re.search(r"by stage \(([^)]*)\)", panel["description"])
+    assert named, panel["description"]
+    assert named.group(1).split(", ") == list(AGENT_STAGES)
 
 
 @pytest.mark.parametrize("uid", UIDS)
