@@ -81,6 +81,11 @@ class Scrapes:
                 out[name] = min(deadline, since + limit)
         return out
 
+    def expected(self, since: float, limit: float) -> list[str]:
+        """The scrapers wait_for_final(since, limit) would wait for, by name."""
+        with self._cond:
+            return sorted(self._deadlines(since, limit))
+
     def wait_for_final(self, since: float, limit: float) -> list[str]:
         """Wait until every scraper expected to scrape again (see the module) has
         completed a scrape that started at or after `since`; at most `limit` seconds.

@@ -368,10 +368,12 @@ class MetricsServer:
         self._closed.set()
         if linger > 0:
             since = self.scrapes.clock()
-            if self.scrapes.total:
+            expected = self.scrapes.expected(since, linger)
+            if expected:
                 log.info(
-                    "gradmon: serving /metrics until its final scrape (at most %g s, "
+                    "gradmon: serving /metrics until the final scrape by %s (at most %g s, "
                     "exporter.linger_seconds)",
+                    ", ".join(expected),
                     linger,
                 )
             missed = self.scrapes.wait_for_final(since, linger)

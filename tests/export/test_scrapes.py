@@ -5,6 +5,7 @@ Prometheus (gradmon.tools.localstack) with the shipped rules, time-scaled."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -118,15 +119,21 @@ def test_close_waits_for_the_scrape_that_sees_the_finish(run: Any) -> None:
     assert took <= 3 * 0.3 + 0.5  # the next scrape: at most two intervals (+ one)
 
 
-def test_a_scraper_that_stopped_costs_two_of_its_intervals_at_most(run: Any) -> None:
+def test_a_scraper_that_stopped_costs_two_of_its_intervals_at_most(
+    run: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     net, opt = run
     mon = gradmon.attach(net, opt, config=config())
     assert mon.port is not None
     with Scraper(mon.port, interval=0.2):
         train_step(net, opt)
     # e.g. the target was removed from Prometheus: nobody comes, close() gives up soon,
-    # not after exporter.linger_seconds (60 s).
-    assert 0.1 < timed_close(mon) < 3 * 0.2 + 0.5
+    # not after exporter.linger_seconds (60 s), and says so.
+    with caplog.at_level(logging.INFO, logger="gradmon"):
+        assert 0.1 < timed_close(mon) < 3 * 0.2 + 0.5
+    said = [r.getMessage() for r in caplog.records]
+    assert any("until the final scrape by 127.0.0.1 (at most 60 s" in m for m in said), said
+    assert any("without a final scrape by 127.0.0.1" in m for m in said), said
 
 
 def test_linger_seconds_bounds_the_wait_and_zero_turns_it_off(run: Any) -> None:
