@@ -199,6 +199,15 @@ class ExporterConfig(Section):
         description="scrapes answered per second at most, one at a time; the surplus waits "
         "(without the GIL) so that scrapers hammering /metrics cannot slow training; 0 = no limit",
     )
+    linger_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="Monitor.close() of a run that ended cleanly keeps /metrics up until "
+        "each scraper has scraped once more (so Prometheus sees gradmon_run_finished 1 and "
+        "GradmonTargetDown stays quiet): at most this long, at most two of the scraper's "
+        "intervals, and not at all when nothing scraped; 0 = close at once",
+    )
     tls: TLSConfig = Field(default_factory=TLSConfig)
     basic_auth: BasicAuthConfig = Field(default_factory=BasicAuthConfig)
     push: PushConfig = Field(default_factory=PushConfig)

@@ -1,6 +1,8 @@
 """deploy/compose.yaml is safe by default: every port on loopback unless GRADMON_BIND says
 otherwise, no default Grafana password (compose refuses to start without one), no
-Prometheus lifecycle or admin API.
+Prometheus lifecycle or admin API. The compose Prometheus scrapes the Pushgateway
+(exporter.push) the way the README says. (Pinned images, mounts and the agent's scrape
+job: tests/ops/test_dashboards.py.)
 
 Compose's variable interpolation (`${VAR:-default}`, `${VAR:?error}`) is applied here as
 compose documents it, so the checks hold without Docker (Docker's compose plugin is not a
@@ -18,6 +20,7 @@ import yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
+COMPOSE_PROMETHEUS = DEPLOY / "prometheus" / "prometheus.compose.yml"
 
 _VAR = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
 
@@ -77,6 +80,7 @@ def test_every_port_is_on_loopback_by_default() -> None:
     assert {name: [p[1] for p in ps] for name, ps in ports.items()} == {
         "prometheus": ["9090"],
         "alertmanager": ["9093"],
+        "pushgateway": ["9091"],
         "grafana": ["3000"],
     }
     for name, ps in ports.items():
@@ -117,3 +121,35 @@ def test_prometheus_has_no_lifecycle_or_admin_api() -> None:
             assert not arg.startswith("--web.listen-address"), name
     # The reload that replaces POST /-/reload is documented.
     assert "kill -s SIGHUP prometheus" in COMPOSE.read_text(encoding="utf-8")
+
+
+def _scrape_jobs() -> dict[str, dict[str, Any]]:
+    conf = yaml.safe_load(COMPOSE_PROMETHEUS.read_text(encoding="utf-8"))
+    return {job["job_name"]: job for job in conf["scrape_configs"]}
+
+
+def test_prometheus_scrapes_the_pushgateway_service_with_honor_labels() -> None:
+    services = compose(**OK)["services"]
+    mounted = services["prometheus"]["volumes"][0].split(":")
+    assert mounted[0] == "./prometheus" and mounted[1] == "/etc/prometheus"
+    command = services["prometheus"]["command"]
+    assert f"--config.file=/etc/prometheus/{COMPOSE_PROMETHEUS.name}" in command
+    jobs = _scrape_jobs()
+    assert set(jobs) == {"gradmon", "pushgateway"}
+    # The pushed job/instance/grouping labels stay the run's: the rules select on them.
+    gateway = jobs["pushgateway"]
+    assert gateway["honor_labels"] is True
+    ((host, port),) = [t.split(":") for t in gateway["static_configs"][0]["targets"]]
+    assert host in services, f"{host} is no compose service"
+    assert [p[2] for p in published(services[host])] == [port]
+
+
+def test_pushgateway_keeps_its_groups_across_restarts() -> None:
+    """A run that died before the Pushgateway restarted must still page GradmonPushStale."""
+    service = compose(**OK)["services"]["pushgateway"]
+    (store,) = [
+        a.split("=", 1)[1] for a in service["command"] if a.startswith("--persistence.file=")
+    ]
+    volumes = dict(v.split(":", 1) for v in service["volumes"])
+    assert any(store.startswith(path + "/") for path in volumes.values()), (store, volumes)
+    assert all(name in compose(**OK)["volumes"] for name in volumes), volumes

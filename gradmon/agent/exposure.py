@@ -55,6 +55,7 @@ class Exposure:
         self._exported: tuple[int | None, list[str]] | None = None  # (rank, its layers)
         self._sums: tuple[int, int | None, Sums] | None = None  # (snapshot id, rank, sums)
         self._own_registry = registry is None
+        self._finished = False  # gradmon_run_finished: set by finish()
         self.registry = registry if registry is not None else _default_registry(self)
         on_error = functools.partial(sources.counters.count_error, "export")
         self._collector = GradmonCollector(self.export_state, on_error)
@@ -127,6 +128,7 @@ class Exposure:
             skipped_steps_total=src.steps.skipped_total,
             **extra,
         )
+        state.run_finished = self._finished
         state.layer_names = self.exported_layers(rank)
         state.structurally_zero = src.health.structurally_zero()
         state.per_layer = bool(state.layer_names)
@@ -142,11 +144,16 @@ class Exposure:
                 state.loss_scale = float(src.scaler.get_scale())
         return state
 
-    def close(self) -> None:
-        """Stop the server. A registry of the user's own stops showing this monitor; ours
-        keeps its final values readable (Monitor.registry) after close()."""
+    def finish(self) -> None:
+        """The run ended cleanly: gradmon_run_finished is 1 from the next scrape (or push)."""
+        self._finished = True
+
+    def close(self, linger: bool = False) -> None:
+        """Stop the server; with `linger`, once the final state has been scraped (bounded:
+        exporter.linger_seconds, see export/scrapes.py). A registry of the user's own stops
+        showing this monitor; ours keeps its final values readable (Monitor.registry)."""
         if self.server is not None:
-            self.server.close()
+            self.server.close(linger=self._cfg.linger_seconds if linger else 0.0)
         if not self._own_registry:
             with suppress(KeyError):
                 self.registry.unregister(self._collector)

@@ -4,7 +4,8 @@
   listening socket, but none of its threads. There the monitor is made inert and the
   socket copy closed (`Monitor.after_fork_in_child`): the child collects nothing,
   serves nothing, and the parent's close() frees the port while workers still run.
-- exit: monitors still open are closed (hooks removed, sinks flushed, server stopped);
+- exit: monitors still open are closed (hooks removed, sinks flushed, server stopped,
+  after its final scrape when the run finished: bounded, see Monitor.close());
   `exiting_after_exception()` tells them whether the process is dying of an exception.
   Every thread of the agent is a daemon thread, so none keeps the process alive.
 """

@@ -68,6 +68,7 @@ class Monitor:
     _sinks: Sequence[Sink] = ()
     _exposure: Exposure | None = None
     _pusher: Pusher | None = None
+    _failed = False  # a with-block around the run ended in an exception
 
     def __init__(
         self,
@@ -135,7 +136,7 @@ class Monitor:
                     on_error=counters.count,
                 )
         except BaseException:
-            self.close()
+            self._close(linger=False)
             raise
         lifecycle.track(self)
 
@@ -229,7 +230,15 @@ class Monitor:
 
     # ------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Remove every hook, close the sinks and stop the server. Idempotent."""
+        """Remove every hook, close the sinks and stop the server. Idempotent.
+
+        A run that ended cleanly (no exception ending a `with` block or the process) says
+        so: gradmon_run_finished is 1 in the last push, and /metrics stays up until its
+        scrapers have seen it (bounded by exporter.linger_seconds; not at all when
+        nothing scraped), so that neither GradmonTargetDown nor GradmonPushStale pages."""
+        self._close(linger=True)
+
+    def _close(self, linger: bool) -> None:
         with _CLOSING:  # close() from two threads at once: one of them closes
             if self._closed:
                 return
@@ -250,12 +259,13 @@ class Monitor:
         finally:
             if acquired and lock is not None:
                 lock.release()
+        finished = not (self._failed or lifecycle.exiting_after_exception())
+        if finished and self._exposure is not None:
+            self._exposure.finish()  # gradmon_run_finished 1, served and pushed
         if self._pusher is not None:
-            # The last push: gradmon_run_finished 1 unless the process dies of an exception.
-            self._pusher.failed |= lifecycle.exiting_after_exception()
-            self._pusher.close()
+            self._pusher.close()  # the last push
         if self._exposure is not None:
-            self._exposure.close()
+            self._exposure.close(linger=linger and finished)
 
     def _remove_hooks(self) -> None:
         if self._hooks is not None:
@@ -267,13 +277,14 @@ class Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if exc and exc[0] is not None and self._pusher is not None:
-            self._pusher.failed = True  # the with-block ended in an exception: not finished
+        if exc and exc[0] is not None:
+            self._failed = True  # the with-block ended in an exception: not finished
         self.close()
 
     def __del__(self) -> None:
+        # Garbage collection may run on the training thread: close at once, no lingering.
         with suppress(Exception):
-            self.close()
+            self._close(linger=False)
 
 
 def attach(

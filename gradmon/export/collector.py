@@ -96,6 +96,7 @@ class ExportState:
     # this rank's view).
     global_sum_squares: float | None = None
     layer_sum_squares: dict[str, float] = field(default_factory=dict)
+    run_finished: bool = False  # Monitor.close() ran, and no exception ended the run
 
 
 _FAMILY_TYPES: dict[str, Callable[..., Metric]] = {
@@ -278,6 +279,7 @@ def _live_families(st: ExportState) -> Iterator[Metric]:
     yield _labelled(r, schema.ANOMALIES, sorted(st.anomalies_total.items()))
     yield _labelled(r, schema.AGENT_ERRORS, sorted(((k,), n) for k, n in st.errors_total.items()))
     yield _labelled(r, schema.SCALAR, sorted(((k,), v) for k, v in st.scalars.items()))
+    yield r.single(schema.RUN_FINISHED, 1.0 if st.run_finished else 0.0)
 
 
 def _labelled(r: _Rank, f: Family, items: Iterable[tuple[tuple[str, ...], float]]) -> Metric:

@@ -3,10 +3,11 @@ that Prometheus cannot scrape (batch and SLURM jobs, spot instances: no service 
 gone before the next scrape).
 
 A daemon thread pushes (HTTP PUT: the group's metrics are replaced) at start and every
-`interval_seconds`; `close()` pushes once more with `gradmon_run_finished` 1, so that a run
-that ended cleanly is told apart from one that died (the Pushgateway keeps the last push
-of both; `push_time_seconds` stops moving for both). The stale-push alert
-(GradmonPushStale, gradmon/ops/rules.py) pages for the second kind only.
+`interval_seconds`; `close()` pushes once more. The registry's `gradmon_run_finished` is 1
+by then when the run ended cleanly (the monitor says so before closing the pusher), so a
+finished run is told apart from one that died (the Pushgateway keeps the last push of
+both; `push_time_seconds` stops moving for both). The stale-push alert (GradmonPushStale,
+gradmon/ops/rules.py) pages for the second kind only.
 
 The group: `job` (exporter.push.job), `instance` (this host's name), the user's
 `grouping` labels, and `rank` under several ranks, so ranks and hosts never overwrite each
@@ -111,20 +112,17 @@ def _handler(cfg: PushConfig) -> Handler:
 
 
 class _Payload(Collector):
-    """What one push holds: the monitor's registry and the push's own two families."""
+    """What one push holds: the monitor's registry (gradmon_run_finished included) and the
+    push interval, which the stale-push alert measures staleness in."""
 
-    def __init__(self, source: CollectorRegistry, interval: float, finished: Callable[[], bool]):
+    def __init__(self, source: CollectorRegistry, interval: float):
         self._source = source
         self._interval = interval
-        self._finished = finished
 
     def collect(self) -> Iterator[Metric]:
         yield from self._source.collect()
-        for family, value in (
-            (schema.PUSH_INTERVAL, self._interval),
-            (schema.RUN_FINISHED, 1.0 if self._finished() else 0.0),
-        ):
-            yield GaugeMetricFamily(family.name, family.help, value=value)
+        family = schema.PUSH_INTERVAL
+        yield GaugeMetricFamily(family.name, family.help, value=self._interval)
 
 
 class Pusher:
@@ -145,10 +143,8 @@ class Pusher:
         self._rank = rank
         self._on_error = on_error
         self._handler = _handler(cfg)  # reads the password, loads the TLS files: errors now
-        self._finished = False
-        self.failed = False  # the owner's say: the run ended in an exception
         self._payload = CollectorRegistry(auto_describe=False)
-        self._payload.register(_Payload(registry, cfg.interval_seconds, lambda: self._finished))
+        self._payload.register(_Payload(registry, cfg.interval_seconds))
         self._lock = threading.Lock()  # one push at a time
         self._failures = 0
         self.pushes = 0  # successful pushes (tests, diagnostics)
@@ -197,10 +193,10 @@ class Pusher:
             return True
 
     def close(self) -> None:
-        """Stop the thread; the last push says whether the run finished cleanly."""
+        """Stop the thread and push once more: the registry's final state, which says
+        whether the run finished cleanly (gradmon_run_finished)."""
         self._stop.set()
         self._thread.join(timeout=self._cfg.interval_seconds + self._cfg.timeout_seconds)
-        self._finished = not self.failed
         self.push()
 
     def drop(self) -> None:

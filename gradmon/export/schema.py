@@ -258,17 +258,21 @@ ACTIVATION_NONFINITE = Family(
 )
 ACTIVATION_GAUGES = (ACTIVATION_RMS, ACTIVATION_MEAN, ACTIVATION_ZERO_RATIO)
 
-# Only in what exporter.push sends to a Pushgateway (gradmon/export/push.py), beside the
-# families below: what the stale-push alert needs to tell a dead run from a finished one.
-PUSH_INTERVAL = Family(
-    "gradmon_push_interval_seconds", "gauge", "exporter.push.interval_seconds of the pushing run."
-)
+# How the run ended: 0 while it runs, 1 once Monitor.close() ran without an exception
+# ending the run. Served in the final scrape (the exporter lingers for it) and pushed in the
+# last push, so that GradmonTargetDown and GradmonPushStale tell a finished run from a dead one.
 RUN_FINISHED = Family(
     "gradmon_run_finished",
     "gauge",
-    "1 in the last push of a run that ended cleanly (Monitor.close()), else 0.",
+    "1 once the run ended cleanly (Monitor.close() without an exception), else 0.",
 )
-PUSH_FAMILIES = (PUSH_INTERVAL, RUN_FINISHED)
+
+# Only in what exporter.push sends to a Pushgateway (gradmon/export/push.py), beside the
+# families below: what the stale-push alert needs to tell a late push from a missing one.
+PUSH_INTERVAL = Family(
+    "gradmon_push_interval_seconds", "gauge", "exporter.push.interval_seconds of the pushing run."
+)
+PUSH_FAMILIES = (PUSH_INTERVAL,)
 
 # Every family the agent can serve, in the order a scrape shows them.
 FAMILIES = (
@@ -287,6 +291,7 @@ FAMILIES = (
     ANOMALIES,
     AGENT_ERRORS,
     SCALAR,
+    RUN_FINISHED,
     *LAYER_GAUGES,
     UPDATE_RATIO,
     LAYER_NONFINITE_STEPS,

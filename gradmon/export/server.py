@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from gradmon.agent import distributed
 from gradmon.config import ExporterConfig
 from gradmon.errors import GradmonError
+from gradmon.export.scrapes import Scrapes, observed
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -297,7 +298,9 @@ class MetricsServer:
             )
         if auth.username and auth.password_file:
             app = basic_auth(app, auth.username, _read_password(auth.password_file))
-        app = throttled(app, config.max_scrapes_per_second)  # outermost: 401s count too
+        app = throttled(app, config.max_scrapes_per_second)  # 401s count too
+        self.scrapes = Scrapes()  # who scraped, how often: what close(linger) waits on
+        app = observed(app, self.scrapes)  # outermost: a scrape counts once it was sent
         context = _tls_context(config)
 
         connection_errors = ConnectionErrors()
@@ -354,11 +357,33 @@ class MetricsServer:
         self._closed = threading.Event()
         self._thread.start()
 
-    def close(self) -> None:
-        """Stop serving and free the port; the serve thread is joined (bounded)."""
+    def close(self, linger: float = 0.0) -> None:
+        """Stop serving and free the port; the serve thread is joined (bounded).
+
+        linger: first keep serving until every scraper still scraping has scraped once
+        more (so it has seen what the registry shows now), at most this many seconds,
+        and not at all when nothing scraped (scrapes.py)."""
         if self._closed.is_set():
             return
         self._closed.set()
+        if linger > 0:
+            since = self.scrapes.clock()
+            expected = self.scrapes.expected(since, linger)
+            if expected:
+                log.info(
+                    "gradmon: serving /metrics until the final scrape by %s (at most %g s, "
+                    "exporter.linger_seconds)",
+                    ", ".join(expected),
+                    linger,
+                )
+            missed = self.scrapes.wait_for_final(since, linger)
+            if missed:
+                log.info(
+                    "gradmon: stopped serving /metrics without a final scrape by %s "
+                    "(waited %.1f s)",
+                    ", ".join(missed),
+                    self.scrapes.clock() - since,
+                )
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

@@ -31,6 +31,9 @@ class RuleOptions:
     run_labels: tuple[str, ...] = ("namespace", "job")
     runbook_url: str = RUNBOOK_URL
     target_down_for: str = "5m"
+    # How far back the last scraped gradmon_run_finished of a target is looked for: longer
+    # than the scrape interval (GradmonTargetDown spares targets whose run finished).
+    finished_window: str = "10m"
     stalled_window: str = "10m"  # no optimizer step in this window: stalled
     stalled_for: str = "5m"
     nonfinite_window: str = "5m"
@@ -67,6 +70,7 @@ class RuleOptions:
     def __post_init__(self) -> None:
         for name in (
             "target_down_for",
+            "finished_window",
             "stalled_window",
             "stalled_for",
             "nonfinite_window",

@@ -69,6 +69,10 @@ ALERT_NAMES = (
 NORM_BUCKET_RATIO = math.ceil(1000 * max(b / a for a, b in pairwise(GLOBAL_NORM_BUCKETS))) / 1000
 
 
+# The recording rule GradmonTargetDown reads: the last gradmon_run_finished of each target.
+FINISHED = "gradmon:run_finished:last"
+
+
 def _num(value: float, name: str) -> str:
     """A PromQL number literal that round-trips (repr: 1e-07, 1000.0)."""
     if not math.isfinite(value):
@@ -139,7 +143,39 @@ def recording_rules(options: RuleOptions | None = None) -> list[dict[str, Any]]:
                 f"sum by ({run}, layer) (increase({schema.LAYER_NONFINITE_STEPS.series}[5m])) > 0"
             ),
         },
+        _finished_rule(o),
     ]
+
+
+def _target(o: RuleOptions) -> str:
+    """The labels that tell one scrape target from another: the run's and `instance`."""
+    return ", ".join((*o.run_labels, "instance"))
+
+
+def _finished_rule(o: RuleOptions) -> dict[str, Any]:
+    """The gradmon_run_finished each target was last scraped with, kept while it is down.
+
+    The agent serves 0 while the run goes on and 1 in its final scrape after a clean
+    Monitor.close() (export/scrapes.py), then stops serving. `last_over_time` takes the
+    latest sample, not the largest: a new run on the same target scrapes 0 again, and if
+    it dies the target pages. Once that sample has left `finished_window`, the rule keeps
+    its own value for as long as the target stays down (a static scrape config keeps a
+    finished target for ever), and drops it when the target is gone from the config.
+    """
+    target = _target(o)
+    w = o.finished_window
+    return {
+        "record": FINISHED,
+        "expr": (
+            f"last_over_time({schema.RUN_FINISHED.series}[{w}])\n"
+            f"or\n"
+            f"(\n"
+            f"  last_over_time({FINISHED}[{w}])\n"
+            f"  and on ({target})\n"
+            f"  up{{{o.job_selector}}} == 0\n"
+            f")"
+        ),
+    }
 
 
 def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict[str, Any]]:
@@ -222,14 +258,18 @@ def alert_rules(config: Config, options: RuleOptions | None = None) -> list[dict
     return [
         alert(
             "GradmonTargetDown",
-            f"{up} == 0",
+            # A run that finished cleanly said so in its final scrape (FINISHED): its
+            # target is down because it is done.
+            f"{up} == 0\nunless on ({_target(o)})\n{FINISHED} == 1",
             o.target_down_for,
             "warning",
             "gradmon agent {{ $labels.instance }} is down",
             "Prometheus has failed to scrape the gradmon agent at {{ $labels.instance }} "
-            f"(job {{{{ $labels.job }}}}) for {o.target_down_for}: the training process "
-            "exited or hangs, the metrics port is unreachable, or the scrape went over "
-            "sample_limit.",
+            f"(job {{{{ $labels.job }}}}) for {o.target_down_for}, and its last scrape did "
+            "not say that the run had finished: the training process crashed, was killed "
+            "or hangs, the metrics port is unreachable, or the scrape went over "
+            "sample_limit. A run that ended cleanly (Monitor.close()) does not page; "
+            "remove finished targets from the scrape config when convenient.",
         ),
         alert(
             "GradmonTrainingStalled",

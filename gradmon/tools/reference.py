@@ -261,6 +261,9 @@ PRESENCE: dict[str, str] = {
     schema.ANOMALIES.name: "a series per (layer, kind) that has occurred",
     schema.AGENT_ERRORS.name: "every stage, from 0",
     schema.SCALAR.name: "a series per name given to `Monitor.log()`",
+    schema.RUN_FINISHED.name: "always: 0 while the run goes on, 1 after a clean "
+    "`Monitor.close()`, in the final scrape (the exporter serves until then, "
+    "`exporter.linger_seconds`) and in the last push",
     schema.UPDATE_RATIO.name: "per layer, with `collect.update_ratio_every` > 0, once the "
     "layer was measured",
     schema.LAYER_NONFINITE_STEPS.name: _LAYER_NOTE + " (from 0)",

@@ -8,6 +8,7 @@ expressions to it, so a name changed on one side only fails here.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -80,3 +81,24 @@ def test_rules_select_only_schema_series() -> None:
         used = set(re.findall(r"\bgradmon_[a-z_]+\b", expr)) | set(re.findall(RECORDED, expr))
         unknown = used - known - recorded
         assert not unknown, (rule.get("alert") or rule.get("record"), unknown)
+
+
+# Where the agent names a stage of gradmon_agent_errors_total: guard("x"), count_error("x",
+# ...), partial(counters.count, "x"), on_error("x", ...), errors["x"], errors_total["x"].
+_STAGE_USES = re.compile(
+    r'(?:\bguard|\bcount_error|\bcount|_on_error)\(\s*"(\w+)"'
+    r'|partial\(\s*[\w.]+\.count(?:_error)?,\s*"(\w+)"'
+    r'|\berrors(?:_total)?\["(\w+)"\]'
+)
+
+
+def test_every_stage_the_agent_counts_is_declared_and_every_declared_one_is_used() -> None:
+    """AGENT_STAGES is what the dashboard panel and docs/reference.md list: a stage counted
+    under a name it lacks would be served but never described."""
+    package = Path(gradmon.__file__).parent
+    used: dict[str, set[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        for match in _STAGE_USES.finditer(path.read_text(encoding="utf-8")):
+            stage = next(g for g in match.groups() if g)
+            used.setdefault(stage, set()).add(str(path.relative_to(package)))
+    assert set(used) == set(schema.AGENT_STAGES), used

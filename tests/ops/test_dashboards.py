@@ -27,6 +27,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dash_m
 from prometheus_client.parser import text_string_to_metric_families
 
+from gradmon.export.schema import AGENT_STAGES
 from gradmon.ops.dashboards import DASHBOARD_FILES, build, render
 from gradmon.ops.rules import recording_rules
 from gradmon.tools.cli import main as cli_main
@@ -404,6 +405,15 @@ def test_panels_are_described_and_have_units(uid: str) -> None:
         assert len(refs) == len(set(refs)), p["title"]
 
 
+def test_agent_errors_panel_names_every_stage() -> None:
+    (panel,) = [
+        p for p in panels(load("gradmon-overview")) if p["title"] == "Agent errors by stage"
+    ]
+    named = re.search(r"by stage \(([^)]*)\)", panel["description"])
+    assert named, panel["description"]
+    assert named.group(1).split(", ") == list(AGENT_STAGES)
+
+
 @pytest.mark.parametrize("uid", UIDS)
 def test_panel_ids_are_unique_and_panels_do_not_overlap(uid: str) -> None:
     all_panels = panels(load(uid))
@@ -645,12 +655,13 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
 
 def test_compose_images_are_pinned() -> None:
     services = compose()["services"]
-    assert set(services) == {"prometheus", "alertmanager", "grafana"}
+    assert set(services) == {"prometheus", "alertmanager", "pushgateway", "grafana"}
     for name, service in services.items():
         image = service["image"]
         assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), f"{name}: {image} not pinned"
     assert services["prometheus"]["image"].startswith("prom/prometheus:v2.53.")
     assert services["alertmanager"]["image"].startswith("prom/alertmanager:v0.27.")
+    assert services["pushgateway"]["image"].startswith("prom/pushgateway:v1.")
     assert services["grafana"]["image"].startswith("grafana/grafana:11.")
 
 
@@ -674,14 +685,17 @@ def test_compose_prometheus_scrapes_the_host_and_alerts_alertmanager() -> None:
     assert "host.docker.internal:host-gateway" in prom["extra_hosts"]
     path = DEPLOY / "prometheus" / "prometheus.compose.yml"
     conf = yaml.safe_load(path.read_text(encoding="utf-8"))
-    (job,) = conf["scrape_configs"]
+    job, gateway = conf["scrape_configs"]
     assert job["static_configs"][0]["targets"] == ["host.docker.internal:9400"]
+    assert gateway["static_configs"][0]["targets"] == ["pushgateway:9091"]
     am = conf["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
     assert am == ["alertmanager:9093"]
     # Apart from the addresses, the same as the no-Docker config.
     plain = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text("utf-8"))
     for conf_ in (conf, plain):
-        del conf_["scrape_configs"][0]["static_configs"], conf_["alerting"]
+        for scrape in conf_["scrape_configs"]:
+            del scrape["static_configs"]
+        del conf_["alerting"]
     assert conf == plain
     result = subprocess.run(
         [tool("promtool"), "check", "config", str(path)],

@@ -173,7 +173,9 @@ def test_rule_options_flow_into_expressions() -> None:
         k8s_labels={"release": "monitoring"},
     )
     rendered = alerts(render(Config(), options=opts))
-    assert rendered["GradmonTargetDown"]["expr"] == 'up{job="trainer"} == 0'
+    assert rendered["GradmonTargetDown"]["expr"] == (
+        'up{job="trainer"} == 0\nunless on (cluster, job, instance)\ngradmon:run_finished:last == 1'
+    )
     stalled = rendered["GradmonTrainingStalled"]["expr"]
     assert "[30m]" in stalled and "by (cluster, job)" in stalled
     url = rendered["GradmonDeadLayer"]["annotations"]["runbook_url"]
@@ -279,8 +281,11 @@ def test_promtool_tests_cover_every_alert() -> None:
 def test_prometheus_config() -> None:
     conf = yaml.safe_load((PROM / "prometheus.yml").read_text(encoding="utf-8"))
     assert conf["rule_files"] == ["rules/gradmon.rules.yml"]
-    (job,) = conf["scrape_configs"]
+    job, gateway = conf["scrape_configs"]
     assert job["job_name"] == "gradmon" and job["scrape_interval"] == "15s"
+    # exporter.push: the Pushgateway (Debian's listens on 9091), the pushed labels kept.
+    assert gateway["job_name"] == "pushgateway" and gateway["honor_labels"] is True
+    assert gateway["static_configs"][0]["targets"] == ["127.0.0.1:9091"]
     port = ExporterConfig().port
     assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{port}"]
     assert job["sample_limit"] >= 11 * ExporterConfig().max_layers + 80

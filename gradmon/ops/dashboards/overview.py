@@ -356,8 +356,11 @@ def overview() -> dash_m.Dashboard:
                     ),
                     series(
                         "Agent errors by stage",
-                        "Failures inside the agent per second, by stage (hook, collect, "
-                        "publish, scaler, log, export). Each stage logs its first failure.",
+                        # The stages from the schema: the panel cannot miss a new one.
+                        "Failures inside the agent per second, by stage "
+                        f"({', '.join(schema.AGENT_STAGES)}). Training goes on; the agent "
+                        "logs the first failure of each stage (sink and push: of each "
+                        "failure episode).",
                         [
                             (
                                 f"sum by (stage) (rate({schema.AGENT_ERRORS.series}"

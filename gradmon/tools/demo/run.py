@@ -62,7 +62,7 @@ def run_demo(
     """
     _check_arguments(scenario, steps, step_delay, hold, with_prometheus)
     _check_seconds("alert_wait", alert_wait)
-    merged = _config(port, config)
+    merged = _config(port, config, with_prometheus is not False)
     n_steps = steps if steps is not None else DEFAULT_STEPS[scenario]
     if step_delay is None:
         step_delay = PACED_SECONDS / n_steps if with_prometheus is not False else 0.0
@@ -153,10 +153,18 @@ def _hold(seconds: float) -> None:
             time.sleep(min(left, 0.5))
 
 
-def _config(port: int, config: str | os.PathLike[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+def _config(
+    port: int,
+    config: str | os.PathLike[str] | Mapping[str, Any] | None,
+    local_prometheus: bool = False,
+) -> dict[str, Any]:
     """The demo's own settings, with the user's config (a YAML path or a dict) on top:
-    a port written in the user's config wins over the `port` argument."""
+    a port written in the user's config wins over the `port` argument. With a local
+    Prometheus, whose target is gone (or the stack stopped) before the monitor closes,
+    close() does not wait for a final scrape (exporter.linger_seconds 0)."""
     base: dict[str, Any] = {"exporter": {"port": port}}
+    if local_prometheus:
+        base["exporter"]["linger_seconds"] = 0
     if config is None:
         return base
     if isinstance(config, Mapping):
