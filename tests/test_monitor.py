@@ -278,6 +278,18 @@ def test_close_removes_every_hook(net: SmallNet) -> None:
         assert readings.collections(again) == 1
 
 
+def test_monitor_does_not_keep_grads_alive() -> None:
+    model = SmallNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradmon.attach(model, opt, config=NO_SERVER) as mon:
+        train_step(model, opt)
+        assert readings.collections(mon) == 1
+        grads = [weakref.ref(p.grad) for p in model.parameters() if p.grad is not None]
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        assert grads and all(g() is None for g in grads)
+
+
 def test_monitor_does_not_keep_model_alive() -> None:
     model = SmallNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

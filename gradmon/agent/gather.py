@@ -3,6 +3,7 @@ grouped by (device, dtype); what cannot be read is skipped, with its reason."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import weakref
 from collections.abc import Callable
@@ -22,8 +23,13 @@ log = logging.getLogger("gradmon")
 
 GroupKey = tuple[torch.device, torch.dtype]
 
-# A C++ weak reference to a tensor (`.expired()`), not tracked by the cyclic GC.
-_WeakTensorRef: Any = torch._C._WeakTensorRef  # type: ignore[attr-defined]
+# Turns the grads a collection kept (strongly, for one pass) into untracked weak references
+# (see Gatherer.__init__). Not built: weakref.ref, tracked by the GC.
+_weaken: Callable[[list[Any]], None] | None
+try:  # by module name: see stats/cpu.py
+    _weaken = importlib.import_module("gradmon.stats._cpu_kernel").weaken
+except (ImportError, AttributeError):
+    _weaken = None
 
 
 def grad_view(grad: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
@@ -87,15 +93,13 @@ class Gatherer:
         self._index = index
         self._skip = skip
         self.skipped_positions: set[int] = set()  # monitored parameters left out later
-        # The grad each parameter had at the last collection: a C++ weak reference to its
-        # TensorImpl (which keeps that address from being reused while it is held, so the
-        # address tells the same grad apart from a new one) and its version counter. Not
-        # `weakref.ref`: those are objects Python's cyclic GC tracks, and N of them living
-        # from one collection to the next were promoted to its oldest generation and set
-        # off full collections (~1 us a tensor per step, measured at N = 1,000).
+        # The grad each parameter had at the last collection, held weakly (a freed grad
+        # whose memory a new one reuses is still told apart, unlike by id()), and its
+        # version counter. The weak references are made untracked by the cyclic GC (see
+        # _cpu_kernel.weaken): N of them living from one collection to the next set off
+        # full collections of the heap (~1 us a tensor per step, measured).
         count = len(index.param_refs)
-        self._last_ref: list[Any] = [None] * count  # torch._C._WeakTensorRef | None
-        self._last_impl = [0] * count
+        self._last_grad: list[Any] = [None] * count  # weakref.ref | None between gathers
         self._last_version = [0] * count
         # Plain tensors (not DTensor, not complex): their dense real grads need no view.
         params = [ref() for ref in index.param_refs]
@@ -118,41 +122,46 @@ class Gatherer:
         (sharded or manually set grads). Dense real grads of plain tensors take the short
         path; anything else goes through `grad_view`."""
         self._check_new_parameters()
-        fresh = [False] * len(self._last_ref)
+        fresh = [False] * len(self._last_grad)
         out = Gathered(fresh=fresh)
         groups = out.groups
-        last, impl, version = self._last_ref, self._last_impl, self._last_version
-        plain, strided, ref_of = self._plain, torch.strided, _WeakTensorRef
+        last, version = self._last_grad, self._last_version
+        plain, strided, weaken = self._plain, torch.strided, _weaken
         gone = 0
         # The hot loop of a collection: one pass, each parameter's objects touched once.
-        for i, ref in enumerate(self._index.param_refs):
-            p = ref()
-            if p is None:
-                gone += 1
-                continue
-            g = p.grad
-            if g is None:
-                last[i] = None
-                continue
-            seen, at, current = last[i], g._cdata, g._version
-            if seen is not None and at == impl[i] and current == version[i] and not seen.expired():
-                continue
-            last[i], impl[i], version[i] = ref_of(g), at, current
-            weight: torch.Tensor = p  # read, never written: no detach needed
-            # A dense grad has its (floating) parameter's dtype: torch checks it.
-            if not (plain[i] and g.layout is strided):
-                special = self._special(i, p, g, out)
-                if special is None:
+        try:
+            for i, ref in enumerate(self._index.param_refs):
+                p = ref()
+                if p is None:
+                    gone += 1
                     continue
-                g, weight = special
-            fresh[i] = True
-            key = (g.device, g.dtype)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = Group()
-            group.positions.append(i)
-            group.grads.append(g)
-            group.weights.append(weight)
+                g = p.grad
+                if g is None:
+                    last[i] = None
+                    continue
+                seen, current = last[i], g._version
+                if seen is not None and seen() is g and current == version[i]:
+                    continue
+                # Held strongly for this pass only: weaken() turns it into a weak reference.
+                last[i], version[i] = g if weaken is not None else weakref.ref(g), current
+                weight: torch.Tensor = p  # read, never written: no detach needed
+                # A dense grad has its (floating) parameter's dtype: torch checks it.
+                if not (plain[i] and g.layout is strided):
+                    special = self._special(i, p, g, out)
+                    if special is None:
+                        continue
+                    g, weight = special
+                fresh[i] = True
+                key = (g.device, g.dtype)
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = Group()
+                group.positions.append(i)
+                group.grads.append(g)
+                group.weights.append(weight)
+        finally:  # never held past this pass, even when a parameter's view raised
+            if weaken is not None:
+                weaken(last)
         if gone and not self._warned_gone:
             self._warned_gone = True
             log.warning(
