@@ -290,14 +290,7 @@ class TorchHooks:
         if on == bool(self._handles):
             return
         if not on:
-            for handle in self._handles:
-                handle.remove()  # torch tolerates removal while it runs them
-            self._handles.clear()
-            for ref in self._param_refs:
-                param = ref()
-                hooks = None if param is None else param._backward_hooks
-                if hooks is not None and not hooks:  # an empty dict: clear it in C++ too
-                    param._backward_hooks = None  # type: ignore[union-attr]
+            self._unhook(clear=True)
             return
         note = self._arrivals.note
         for index, ref in enumerate(self._param_refs):
@@ -339,11 +332,29 @@ class TorchHooks:
 
         self._step_handles.append(optimizer.register_step_post_hook(on_step_post))
 
+    def _unhook(self, clear: bool) -> None:
+        """Remove the gradient hooks; with `clear`, also set each hook dict left empty to
+        None, which clears the tensor's hooks in C++ (see watch_grads). Only from the
+        step hooks: there no backward runs. Another thread may be inside a backward when
+        close() runs, and clearing a tensor's C++ hooks while autograd calls them would
+        free what it is running; there only the dict entries go (torch tolerates that)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if not clear:
+            return
+        for ref in self._param_refs:
+            param = ref()
+            hooks = None if param is None else param._backward_hooks
+            if hooks is not None and not hooks:  # an empty dict: clear it in C++ too
+                param._backward_hooks = None  # type: ignore[union-attr]
+
     def remove(self) -> None:
         """Remove every hook. Tensor hooks go at once (torch tolerates their removal while
-        it runs them); step hooks go at the next backward if a step is running now, since
-        removing one there raises "OrderedDict mutated during iteration" in that step."""
-        self.watch_grads(False)
+        it runs them; their C++ side stays, see _unhook); step hooks go at the next
+        backward if a step is running now, since removing one there raises "OrderedDict
+        mutated during iteration" in that step."""
+        self._unhook(clear=False)
         if self._step_handles and _inside_optimizer_step():
             _remove_at_next_backward(self._param_refs, list(self._step_handles))
         else:
