@@ -179,6 +179,22 @@ def test_load_bench_smoke() -> None:
     assert r["exposition_bytes"] > 0
 
 
+def test_activations_bench_smoke() -> None:
+    r = _run_script("activations.py", "--steps", "2")
+    assert (
+        set(r["step_ms"])
+        == set(r["step_ms_cycle_of_10"])
+        == {
+            "no_agent",
+            "activations_off",
+            "activations_on",
+            "activations_off_every_10",
+            "activations_on_every_10",
+        }
+    )
+    assert r["hooked_modules"] > 0 and r["on_every_10_over_off_every_10"] > 0
+
+
 def test_soak_bench_smoke() -> None:
     r = _run_script("soak.py", "--steps", "200", "--sample-every", "50", "--scrape-every", "20")
     assert r["failed_scrapes"] == 0 and r["agent_errors"] == 0 and r["scrapes"] == 10
