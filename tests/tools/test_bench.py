@@ -173,9 +173,12 @@ def _run_script(name: str, *args: str) -> dict[str, Any]:
 
 
 def test_load_bench_smoke() -> None:
-    r = _run_script("load.py", "--layers", "30", "--scrapers", "2", "--rounds", "1", "--steps", "3")
+    r = _run_script("load.py", "--layers", "30", "--scrapers", "2", "--rounds", "2", "--steps", "3")
     assert r["failed_scrapes"] == 0 and r["agent_errors"] == 0 and r["scrapes"] > 0
-    assert r["scrape_ms"]["p50"] > 0 and r["scraped_over_baseline"] > 0
+    assert r["control_failed_scrapes"] == 0 and r["control_scrapes"] > 0
+    forward = ["baseline", "agent", "control", "scraped"]
+    assert r["arm_order"] == forward + forward[::-1]
+    assert r["scrape_ms"]["p50"] > 0 and r["scraped_over_control"] > 0
     assert r["exposition_bytes"] > 0
 
 
