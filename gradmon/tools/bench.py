@@ -10,9 +10,10 @@ position in the round hit all alike; medians are reported (and means: a scrape e
 lands in few steps, so only the mean carries its cost).
 
 The statistics pass times the agent's real call, `partials_and_param_sum_squares` (the
-grads' partials and the weights' norms, as the agent's collect step makes it), against
-one `torch._foreach_norm` of the grads (what `clip_grad_norm_` reads) and against one of
-the grads and one of the weights (the same bytes read).
+grads' partials and the weights' norms, with the group's `KnownWeights`, as
+agent/collect.py makes it), against one `torch._foreach_norm` of the grads (what
+`clip_grad_norm_` reads) and against one of the grads and one of the weights (the same
+bytes read).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 import gradmon
 from gradmon.stats import partials_and_param_sum_squares, select_backend
 from gradmon.stats import torch as torch_stats
+from gradmon.stats.cpu import KnownWeights
 
 SCRAPE_INTERVALS = (1.0, 15.0)  # seconds: a fast Prometheus job, and its default
 
@@ -319,8 +321,10 @@ def run_bench(
         torch._foreach_norm(grads)
         torch._foreach_norm(weights)
 
+    known = KnownWeights()  # the agent keeps one per group: weights checked in full once
+
     def agent_call() -> None:
-        partials_and_param_sum_squares(backend, grads, weights)
+        partials_and_param_sum_squares(backend, grads, weights, known)
 
     def plain() -> None:
         partials_and_param_sum_squares(torch_stats.compute_partials, grads, weights)
