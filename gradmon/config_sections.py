@@ -197,7 +197,8 @@ class ExporterConfig(Section):
         10.0,
         ge=0,
         description="scrapes answered per second at most, one at a time; the surplus waits "
-        "(without the GIL) so that scrapers hammering /metrics cannot slow training; 0 = no limit",
+        "(without the GIL), which bounds what scrapers hammering /metrics take from training "
+        "(each answered scrape still takes the GIL: see bench/load.py); 0 = no limit",
     )
     linger_seconds: float = Field(
         60.0,
