@@ -22,7 +22,9 @@ step = (arm - none) / N. Arms:
   value, as logging it does (norms only);
 - item: `p.grad.norm().item()` per parameter (norms only).
 
-It asserts nothing: it prints the table (and `--json`).
+Every arm's model competes for the CPU caches with the others' (eight models in all);
+`--arms gradmon` times the agent against the untouched copies only, closer to a run that
+trains one model. It asserts nothing: it prints the table (and `--json`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def chain(n: int) -> nn.Module:
 
 
 def arms(
-    n: int,
+    n: int, only: list[str] | None = None
 ) -> dict[str, tuple[nn.Module, torch.optim.Optimizer, Callable[[nn.Module], object]]]:
     torch.manual_seed(0)
     base = chain(n)
@@ -86,17 +88,21 @@ def arms(
     except ImportError:
         print("lightning is not installed: its arm is left out", file=sys.stderr)
     for name, fn in extra.items():
+        if only is not None and name not in ("none", "none again", *only):
+            continue
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the same work; weights stay put
         out[name] = (model, opt, fn)
     return out
 
 
-def measure(n: int, rounds: int, warmup: int) -> dict[str, float]:
+def measure(n: int, rounds: int, warmup: int, only: list[str] | None = None) -> dict[str, float]:
     x = torch.randn(4, 16)
-    setup = arms(n)
+    setup = arms(n, only)
     monitors = []
     for name, every in (("gradmon", 1), ("gradmon k=10", 10), ("not collected", 10**9)):
+        if name not in setup:
+            continue
         model, opt, _ = setup[name]
         config = {
             "exporter": {"port": 0, "max_layers": n},
@@ -141,11 +147,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        help="only these arms (and the two untouched copies): fewer models compete for the "
+        "caches, as in a run that trains one model",
+    )
     args = parser.parse_args()
     rows = []
     for n in args.sizes:
         rounds = max(10, args.rounds * 1000 // max(n, 1000))
-        med = measure(n, -(-rounds // 10) * 10, args.warmup)  # a multiple of 10
+        med = measure(n, -(-rounds // 10) * 10, args.warmup, args.arms)  # a multiple of 10
         # The baseline is both untouched copies' mean; half their gap is the noise (±).
         none, again = med.pop("none"), med.pop("none again")
         base = (none + again) / 2
