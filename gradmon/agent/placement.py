@@ -125,8 +125,8 @@ def _covered_dims(root: Any, mesh: Any) -> frozenset[int]:
     flattening of several dimensions) reaches other ranks."""
     grid = root.mesh
     mine = root.get_coordinate()
-    # sync-ok: DeviceMesh.mesh is a CPU tensor of ranks, read at attach
-    members = set(mesh.mesh.flatten().tolist())
+    # DeviceMesh.mesh is a CPU tensor of ranks, read once at attach.
+    members = set(mesh.mesh.flatten().tolist())  # sync-ok: CPU ranks, at attach
     covered = set()
     for d in range(grid.ndim):
         for v in range(grid.shape[d]):
@@ -170,8 +170,8 @@ def _dtensor_layout(params: Sequence[torch.Tensor]) -> Layout:
         mesh = p.device_mesh  # type: ignore[attr-defined]
         if id(mesh) not in meshes:
             root = _root_mesh(mesh)
-            # sync-ok: DeviceMesh.mesh is a CPU tensor of ranks, read at attach
-            key = (tuple(root.mesh.shape), tuple(root.mesh.flatten().tolist()))
+            ranks = root.mesh.flatten().tolist()  # sync-ok: CPU ranks, read at attach
+            key = (tuple(root.mesh.shape), tuple(ranks))
             if key not in roots:
                 roots[key] = _Root(tuple(root.get_coordinate()), tuple(root.mesh.shape), set())
             meshes[id(mesh)] = (key, _covered_dims(root, mesh))
