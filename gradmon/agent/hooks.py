@@ -65,17 +65,17 @@ class GradArrivals:
 
     Hooks note it (TorchHooks.watch_grads), but autograd calls a Python hook for
     ~1.5-2 us per parameter per backward, which is more than the rest of a collection
-    costs per tensor. Backward order is a property of the graph, which most models repeat step
-    after step, so where the steps to come are known (an optimizer is hooked) the hooks
-    are on only for the backward of the first collected step, every RELEARN_EVERY-th
-    collection after it, and the collection after one that held NaN/Inf
-    (`wants_order`); the other collections read the order learned last. Without an
-    optimizer the hooks stay on and every collection learns.
+    costs per tensor. Backward order is a property of the graph, which most models
+    repeat step after step, so the hooks are on only for the backward of the first
+    collected step, of every RELEARN_EVERY-th collection after it, and of the collection
+    after one that held NaN/Inf (`wants_order`); the other collections read the order
+    learned last. (Without an optimizer, `collect()` follows its backward, and the next
+    backward is hooked or not right after it.)
     """
 
     def __init__(self, count: int) -> None:
         self.order = [0] * count  # written by the hooks: 1-based rank of first arrival
-        self.tick = [0]  # the last rank given
+        self.tick = 0  # the last rank given
         self._learned = np.zeros(count)
         self._since = RELEARN_EVERY  # collections since one learned: learn at once
 
@@ -85,13 +85,13 @@ class GradArrivals:
         is kept): runs once per parameter per backward, so it does a few list operations
         and no further call."""
         if not self.order[index]:
-            self.tick[0] += 1
-            self.order[index] = self.tick[0]
+            self.tick += 1
+            self.order[index] = self.tick
 
     def wants_order(self) -> bool:
         """Whether the next collected step's backward should be hooked. Not when the
         hooks noted a backward that is not taken yet: that one is about to be learned."""
-        return not self.tick[0] and self._since + 1 >= RELEARN_EVERY
+        return not self.tick and self._since + 1 >= RELEARN_EVERY
 
     def relearn(self) -> None:
         """Learn the order again at the next collected step (after NaN/Inf was seen)."""
@@ -101,10 +101,10 @@ class GradArrivals:
         """This collection's order: the hooks' if they noted this backward (merged into
         what was learned before), else the one learned last. Never modified later."""
         self._since += 1
-        if self.tick[0]:
+        if self.tick:
             noted = np.array(self.order, dtype=np.float64)
             self.order[:] = [0] * len(self.order)
-            self.tick[0] = 0
+            self.tick = 0
             self._learned = merge_order(self._learned, noted)
             self._since = 0
         return self._learned
