@@ -55,6 +55,27 @@ def _flatten(g: torch.Tensor) -> torch.Tensor:
     return g.resolve_neg().contiguous()
 
 
+def _codes(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """The kernel's dtype code of each tensor; TypeError naming an unsupported dtype."""
+    try:
+        return [_CODES[t.dtype] for t in tensors]
+    except KeyError:
+        bad = next(t.dtype for t in tensors if t.dtype not in _CODES)
+        raise TypeError(f"gradmon CPU kernel does not support dtype {bad}") from None
+
+
+def _readable(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor as the kernel reads it: itself if it is a contiguous, strided CPU tensor
+    without the negative bit, else a contiguous copy (ValueError for other devices)."""
+    strided = torch.strided
+    return [
+        t
+        if t.is_cpu and t.layout is strided and t.is_contiguous() and not t.is_neg()
+        else _flatten(t)
+        for t in tensors
+    ]
+
+
 def available() -> bool:
     """True when the compiled kernel could be imported."""
     return _kernel is not None
@@ -88,19 +109,8 @@ def compute_partials(
         raise ValueError(f"out must be a contiguous float64 CPU tensor of shape [{n}, {NCOLS}]")
     # Comprehensions, not one loop with appends: this per-tensor overhead (~0.4 us each)
     # is a visible share of the call next to a ~0.5 ms kernel.
-    try:
-        codes = [_CODES[g.dtype] for g in grads]
-    except KeyError:
-        bad = next(g.dtype for g in grads if g.dtype not in _CODES)
-        raise TypeError(f"gradmon CPU kernel does not support dtype {bad}") from None
-    strided = torch.strided
-    # `flat` also keeps any contiguous copy alive until the kernel returns.
-    flat = [
-        g
-        if g.is_cpu and g.layout is strided and g.is_contiguous() and not g.is_neg()
-        else _flatten(g)
-        for g in grads
-    ]
+    codes = _codes(grads)
+    flat = _readable(grads)  # also keeps any contiguous copy alive until the kernel returns
     ptrs = [g.data_ptr() for g in flat]
     numels = [g.numel() for g in flat]
     threads = torch.get_num_threads() if nthreads is None else nthreads
@@ -139,10 +149,7 @@ def group_partials(
     n = len(grads)
     if n == 0:
         return torch.empty((0, NCOLS), dtype=torch.float64)
-    try:
-        code = _CODES[grads[0].dtype]
-    except KeyError:
-        raise TypeError(f"gradmon CPU kernel does not support dtype {grads[0].dtype}") from None
+    code = _codes(grads[:1])[0]
     # `flat`, `wflat` also keep any contiguous copy alive until the kernel returns.
     flat = [g if g.is_contiguous() and not g.is_neg() else _flatten(g) for g in grads]
     ptrs = [g.data_ptr() for g in flat]
@@ -155,18 +162,8 @@ def group_partials(
     )
     if seen != known.seen:
         known.seen = None
-        strided = torch.strided
-        wflat = [
-            w
-            if w.is_cpu and w.layout is strided and w.is_contiguous() and not w.is_neg()
-            else _flatten(w)
-            for w in weights
-        ]
-        try:
-            known.codes = [_CODES[w.dtype] for w in wflat]
-        except KeyError:
-            bad = next(w.dtype for w in wflat if w.dtype not in _CODES)
-            raise TypeError(f"gradmon CPU kernel does not support dtype {bad}") from None
+        wflat = _readable(weights)
+        known.codes = _codes(wflat)
         if all(a is b for a, b in zip(wflat, weights, strict=True)):
             known.seen = seen  # read in place: next time the pointers are enough
         else:  # a copy's pointer means nothing next time
