@@ -181,6 +181,20 @@ def test_lightning_amp_scaler_attached_and_skips_counted(tmp_path: Any) -> None:
 
 
 # -------------------------------------------------------------- transformers
+class RegressionData(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """64 random (x, labels) pairs, as the Hugging Face Trainer takes them."""
+
+    def __init__(self) -> None:
+        self.x = torch.randn(64, 8)
+        self.y = torch.randn(64, 1)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
 def test_transformers_train_attaches_collects_and_closes(tmp_path: Any) -> None:
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # Trainer needs it
@@ -200,17 +214,6 @@ def test_transformers_train_attaches_collects_and_closes(tmp_path: Any) -> None:
             if labels is not None:
                 result["loss"] = nn.functional.mse_loss(out, labels)
             return result
-
-    class Data(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-        def __init__(self) -> None:
-            self.x = torch.randn(64, 8)
-            self.y = torch.randn(64, 1)
-
-        def __len__(self) -> int:
-            return len(self.x)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"x": self.x[i], "labels": self.y[i]}
 
     seen: dict[str, Any] = {"grad_norms": []}
 
@@ -243,7 +246,7 @@ def test_transformers_train_attaches_collects_and_closes(tmp_path: Any) -> None:
     callback = Capturing(config=NO_EXPORTER)
     model = Tiny()
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=Data(), callbacks=[callback]
+        model=model, args=args, train_dataset=RegressionData(), callbacks=[callback]
     )
     trainer.train()
 
@@ -391,17 +394,6 @@ def test_transformers_fused_adamw_under_a_grad_scaler_reports_unscaled_grads(
                 result["loss"] = loss * math.inf if self.calls == 2 else loss
             return result
 
-    class Data(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-        def __init__(self) -> None:
-            self.x = torch.randn(64, 8)
-            self.y = torch.randn(64, 1)
-
-        def __len__(self) -> int:
-            return len(self.x)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"x": self.x[i], "labels": self.y[i]}
-
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     seen: dict[str, Any] = {"want": [], "got": []}
 
@@ -434,7 +426,7 @@ def test_transformers_fused_adamw_under_a_grad_scaler_reports_unscaled_grads(
     )
     callback = Capturing(config=NO_EXPORTER)
     trainer = transformers.Trainer(
-        model=Tiny(), args=args, train_dataset=Data(), callbacks=[callback]
+        model=Tiny(), args=args, train_dataset=RegressionData(), callbacks=[callback]
     )
     trainer.accelerator.scaler = scaler  # what Accelerator(mixed_precision="fp16") makes
     trainer.train()
