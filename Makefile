@@ -14,10 +14,12 @@ system-packages:
 	$(PYTHON) scripts/system_packages.py
 
 # torch==2.13.0 first: on these machines it is a CPU wheel on local disk; a bare `torch`
-# requirement could pull a multi-GB CUDA build.
-.setup.stamp: pyproject.toml setup.py gradmon/stats/_cpu_kernel.c
+# requirement could pull a multi-GB CUDA build. --no-build-isolation: the C++ pass
+# (gradmon/agent/_scan.cpp) is compiled against this torch (see setup.py).
+.setup.stamp: pyproject.toml setup.py gradmon/stats/_cpu_kernel.c gradmon/agent/_scan.c
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q "setuptools>=68" wheel
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
 demo: setup
@@ -35,4 +37,4 @@ bench: setup
 	gradmon bench
 
 clean:
-	rm -rf .setup.stamp build *.egg-info gradmon/stats/*.so
+	rm -rf .setup.stamp build *.egg-info gradmon/stats/*.so gradmon/agent/*.so

@@ -159,10 +159,12 @@ def test_stats_backend_fault_leaves_other_groups(
     monkeypatch.setattr(cpu, "compute_partials", failing_on_float64(cpu.compute_partials))
     group_partials = cpu.group_partials  # the agent's call of the C kernel
 
-    def group_failing_on_float64(grads: Sequence[torch.Tensor], *args: Any) -> torch.Tensor:
+    def group_failing_on_float64(
+        grads: Sequence[torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         if grads[0].dtype == torch.float64:
             raise RuntimeError("injected kernel fault")
-        return group_partials(grads, *args)
+        return group_partials(grads, *args, **kwargs)
 
     monkeypatch.setattr(cpu, "group_partials", group_failing_on_float64)
     monkeypatch.setattr(

@@ -105,7 +105,7 @@ class PartialsCollector:
         # Grads are strided tensors of the group's device and dtype (gather grouped them).
         known = self._known.setdefault(key, KnownWeights())
         partials, param_sq = partials_and_param_sum_squares(
-            backend, group.grads, group.weights, known
+            backend, group.grads, group.weights, known, group.reads
         )
         # Sparse grads: their values leave out the (implicit) zero entries. Only a grad
         # that needed a view can be one: dense ones are not looked at.

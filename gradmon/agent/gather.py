@@ -3,11 +3,13 @@ grouped by (device, dtype); what cannot be read is skipped, with its reason."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -15,21 +17,37 @@ from torch import nn
 
 from gradmon.agent import distributed
 from gradmon.agent.layers import LayerIndex, unwrap
+from gradmon.stats import cpu
 from gradmon.stats.torch import real_view
 
-__all__ = ["Gathered", "Gatherer", "Group", "grad_view"]
+__all__ = ["Gathered", "Gatherer", "Group", "Reads", "grad_view"]
 
 log = logging.getLogger("gradmon")
 
 GroupKey = tuple[torch.device, torch.dtype]
 
-# Turns the grads a collection kept (strongly, for one pass) into untracked weak references
-# (see Gatherer.__init__). Not built: weakref.ref, tracked by the GC.
-_weaken: Callable[[list[Any]], None] | None
-try:  # by module name: see stats/cpu.py
-    _weaken = importlib.import_module("gradmon.stats._cpu_kernel").weaken
-except (ImportError, AttributeError):
-    _weaken = None
+
+def _load_scan() -> ModuleType | None:
+    """The pass over the parameters in C++ (gradmon/agent/_scan.cpp), or None: not built
+    (no compiler, or no torch at install time), or built against another torch (a torch
+    extension is tied to the version it was compiled with). Then Gatherer._scan, the same
+    pass in Python, runs."""
+    try:  # by module name: see stats/cpu.py
+        module = importlib.import_module("gradmon.agent._scan")
+    except ImportError:
+        return None
+    if module.torch_version != torch.__version__:
+        log.warning(
+            "gradmon: gradmon.agent._scan was built against torch %s, this is torch %s: "
+            "using the slower Python pass (reinstall gradmon to rebuild it)",
+            module.torch_version,
+            torch.__version__,
+        )
+        return None
+    return module
+
+
+_scan_module = _load_scan()
 
 
 def grad_view(grad: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
@@ -53,13 +71,49 @@ def grad_view(grad: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
 
 
 @dataclass
+class Reads:
+    """What the CPU kernel needs of a group's tensors, read in the C++ pass while they are at
+    hand (index-aligned with the group's grads): the grads' data pointers and element
+    counts, the weights' data pointers, dtypes and element counts (cpu.KnownWeights checks
+    these), and the positions of grads the kernel cannot read in place (their pointer is 0:
+    not contiguous, or a lazily negated view)."""
+
+    ptrs: list[int] = field(default_factory=list)
+    numels: list[int] = field(default_factory=list)
+    wptrs: list[int] = field(default_factory=list)
+    wdtypes: list[torch.dtype] = field(default_factory=list)
+    wnumels: list[int] = field(default_factory=list)
+    unreadable: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Group:
     """The fresh gradients of one (device, dtype): parameter positions, the tensors the
-    statistics are taken over, and the weights (for parameter norms), index-aligned."""
+    statistics are taken over, and the weights (for parameter norms), index-aligned.
+    `reads`: see Reads (None where they were not read: the Python pass, other devices)."""
 
     positions: list[int] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
+    reads: Reads | None = None
+
+    def lists(self) -> tuple[list[Any] | None, ...]:
+        """The lists the C++ pass appends to (see _scan.scan's `open_group`)."""
+        r = self.reads
+        tail = (
+            (None,) * 6
+            if r is None
+            else (r.ptrs, r.numels, r.wptrs, r.wdtypes, r.wnumels, r.unreadable)
+        )
+        return (self.positions, self.grads, self.weights, *tail)
+
+    def add(self, position: int, grad: torch.Tensor, weight: torch.Tensor) -> None:
+        """Appends one parameter (without reads: a group that has them would be left
+        index-misaligned, so it drops them and the kernel's wrapper reads them itself)."""
+        self.positions.append(position)
+        self.grads.append(grad)
+        self.weights.append(weight)
+        self.reads = None
 
 
 @dataclass
@@ -89,15 +143,19 @@ class Gatherer:
         skip: Callable[[str, str], None],
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
+        read_pointers: bool = True,
     ) -> None:
+        """`read_pointers`: read what the CPU kernel needs in the pass (Reads); False
+        where the configured backend is not the kernel (collect.backend 'torch')."""
         self._index = index
         self._skip = skip
+        self._read_pointers = read_pointers
         self.skipped_positions: set[int] = set()  # monitored parameters left out later
         # The grad each parameter had at the last collection, held weakly (a freed grad
         # whose memory a new one reuses is still told apart, unlike by id()), and its
-        # version counter. The weak references are made untracked by the cyclic GC (see
-        # _cpu_kernel.weaken): N of them living from one collection to the next set off
-        # full collections of the heap (~1 us a tensor per step, measured).
+        # version counter. The pass makes the weak references untracked by the cyclic GC
+        # (see _scan.cpp): N of them living from one collection to the next set off full
+        # collections of the heap (~1 us a tensor per step, measured).
         count = len(index.param_refs)
         self._last_grad: list[Any] = [None] * count  # weakref.ref | None between gathers
         self._last_version = [0] * count
@@ -120,48 +178,33 @@ class Gatherer:
         changed since the last collection. Autograd's accumulation does one or the other
         (it steals or creates a new grad, or adds in place), and so does any other writer
         (sharded or manually set grads). Dense real grads of plain tensors take the short
-        path; anything else goes through `grad_view`."""
+        path (in C++ where built); anything else goes through `grad_view`."""
         self._check_new_parameters()
-        fresh = [False] * len(self._last_grad)
-        out = Gathered(fresh=fresh)
-        groups = out.groups
-        last, version = self._last_grad, self._last_version
-        plain, strided, weaken = self._plain, torch.strided, _weaken
-        gone = 0
-        # The hot loop of a collection: one pass, each parameter's objects touched once.
-        try:
-            for i, ref in enumerate(self._index.param_refs):
-                p = ref()
-                if p is None:
-                    gone += 1
-                    continue
-                g = p.grad
-                if g is None:
-                    last[i] = None
-                    continue
-                seen, current = last[i], g._version
-                if seen is not None and seen() is g and current == version[i]:
-                    continue
-                # Held strongly for this pass only: weaken() turns it into a weak reference.
-                last[i], version[i] = g if weaken is not None else weakref.ref(g), current
-                weight: torch.Tensor = p  # read, never written: no detach needed
-                # A dense grad has its (floating) parameter's dtype: torch checks it.
-                if not (plain[i] and g.layout is strided):
-                    special = self._special(i, p, g, out)
-                    if special is None:
-                        continue
-                    g, weight = special
-                fresh[i] = True
-                key = (g.device, g.dtype)
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = Group()
-                group.positions.append(i)
-                group.grads.append(g)
-                group.weights.append(weight)
-        finally:  # never held past this pass, even when a parameter's view raised
-            if weaken is not None:
-                weaken(last)
+        out = Gathered(fresh=[False] * len(self._last_grad))
+        specials: list[int] = []  # fresh, but not a dense grad of a plain tensor
+        if _scan_module is not None:
+            open_group = functools.partial(self._open_group, out.groups)
+            gone = _scan_module.scan(
+                self._index.param_refs,
+                self._last_grad,
+                self._last_version,
+                self._plain,
+                out.fresh,
+                open_group,
+                specials,
+            )
+        else:
+            gone = self._scan(out, specials)
+        for i in specials:
+            p = self._index.param_refs[i]()
+            g = p.grad if p is not None else None
+            special = self._special(i, p, g, out) if p is not None and g is not None else None
+            if special is not None:
+                out.fresh[i] = True
+                view, weight = special
+                key = (view.device, view.dtype)
+                group = out.groups.get(key) or out.groups.setdefault(key, Group())
+                group.add(i, view, weight)
         if gone and not self._warned_gone:
             self._warned_gone = True
             log.warning(
@@ -172,6 +215,51 @@ class Gatherer:
                 len(self._index.param_refs),
             )
         return out
+
+    def _open_group(
+        self, groups: dict[GroupKey, Group], device: torch.device, dtype: torch.dtype
+    ) -> tuple[list[Any] | None, ...]:
+        """The C++ pass's `open_group`: the lists of the (device, dtype) group, made on
+        first use, with Reads where the CPU kernel will read the group."""
+        group = groups.get((device, dtype))
+        if group is None:
+            wanted = self._read_pointers and cpu.kernel_takes(device, dtype)
+            group = groups[(device, dtype)] = Group(reads=Reads() if wanted else None)
+        return group.lists()
+
+    def _scan(self, out: Gathered, specials: list[int]) -> int:
+        """The pass of _scan.scan in Python (where the C++ extension is not built); no
+        Reads. Returns the count of parameters that no longer exist."""
+        fresh, groups = out.fresh, out.groups
+        last, version = self._last_grad, self._last_version
+        plain, strided = self._plain, torch.strided
+        gone = 0
+        for i, ref in enumerate(self._index.param_refs):
+            p = ref()
+            if p is None:
+                gone += 1
+                continue
+            g = p.grad
+            if g is None:
+                last[i] = None
+                continue
+            seen, current = last[i], g._version
+            if seen is not None and seen() is g and current == version[i]:
+                continue
+            last[i], version[i] = weakref.ref(g), current
+            # A dense grad has its (floating) parameter's dtype: torch checks it.
+            if not (plain[i] and g.layout is strided):
+                specials.append(i)
+                continue
+            fresh[i] = True
+            key = (g.device, g.dtype)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Group()
+            group.positions.append(i)
+            group.grads.append(g)
+            group.weights.append(p)  # read, never written: no detach needed
+        return gone
 
     def _special(
         self, i: int, p: torch.Tensor, g: torch.Tensor, out: Gathered

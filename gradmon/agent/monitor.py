@@ -96,7 +96,8 @@ class Monitor:
             self._sinks = build_sinks(cfg, functools.partial(counters.count, "sink"))
             self._features = build_features(cfg, model, index, optimizer)
             arrivals = GradArrivals(len(named))
-            gatherer = Gatherer(index, counters.skip, model, optimizer)
+            read_pointers = cfg.collect.backend != "torch"  # what the C kernel needs
+            gatherer = Gatherer(index, counters.skip, model, optimizer, read_pointers)
             health = HealthRules(cfg.health)
             publisher = Publisher(
                 index,

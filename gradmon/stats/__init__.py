@@ -51,7 +51,7 @@ def cpu_kernel() -> PartialsFn | None:
 
 def cpu_kernel_takes(t: _torch.Tensor) -> bool:
     """Whether the C kernel can read `t` (a CPU tensor of one of its dtypes)."""
-    return t.device.type == "cpu" and t.dtype in _CPU_DTYPES and cpu_kernel() is not None
+    return cpu.kernel_takes(t.device, t.dtype)
 
 
 def _load_triton_backend(
@@ -143,9 +143,10 @@ def partials_and_param_sum_squares(
     grads: Sequence[_torch.Tensor],
     params: Sequence[_torch.Tensor],
     known: cpu.KnownWeights | None = None,
+    reads: cpu.Pointers | None = None,
 ) -> tuple[_torch.Tensor, _torch.Tensor]:
     """The [T, 8] partials of `grads` and the [T] float64 squared norms of `params`.
-    `known`: see cpu.group_partials (the caller vouches for the grads).
+    `known`, `reads`: see cpu.group_partials (the caller vouches for the grads).
 
     With the C kernel, one call reads both (its float64 sum of squares of the weights):
     per tensor it costs ~0.7 us against ~2 us for `_foreach_norm` (a 2,000-tensor model
@@ -157,7 +158,7 @@ def partials_and_param_sum_squares(
         # Read through data pointers: no detach needed. With `known` (the agent's groups:
         # strided grads of one dtype), the weights are checked in full only when changed.
         if known is not None:
-            both = cpu.group_partials(grads, params, known)
+            both = cpu.group_partials(grads, params, known, reads=reads)
         else:
             both = backend([*grads, *params])
         return both[: len(grads)], both[len(grads) :, Col.SUM_SQ]

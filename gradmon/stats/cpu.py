@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Protocol
 
 import torch
 
@@ -81,6 +82,11 @@ def available() -> bool:
     return _kernel is not None
 
 
+def kernel_takes(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the compiled kernel can read tensors of this device and dtype."""
+    return _kernel is not None and device.type == "cpu" and dtype in _CODES
+
+
 def compute_partials(
     grads: Sequence[torch.Tensor],
     out: torch.Tensor | None = None,
@@ -130,11 +136,23 @@ class KnownWeights:
         self.codes: list[int] = []
 
 
+class Pointers(Protocol):
+    """What the caller already read of a group's tensors (agent/gather.py's Reads)."""
+
+    ptrs: list[int]
+    numels: list[int]
+    wptrs: list[int]
+    wdtypes: list[torch.dtype]
+    wnumels: list[int]
+    unreadable: list[int]
+
+
 def group_partials(
     grads: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor],
     known: KnownWeights,
     nthreads: int | None = None,
+    reads: Pointers | None = None,
 ) -> torch.Tensor:
     """[2T, 8] float64 partials of T grads, then of their T weights: `compute_partials(
     [*grads, *weights])` for the agent's groups, with fewer checks per tensor (the host
@@ -143,6 +161,9 @@ def group_partials(
     The caller guarantees that `grads` are strided CPU tensors of one supported dtype (it
     grouped them by device, dtype and layout); the weights are checked in full only when
     what `known` remembers of them no longer holds (a pointer, dtype or size changed).
+    `reads`, if given, holds the pointers, sizes and weight dtypes of these very tensors,
+    read while the caller had them at hand: then nothing is read again here, unless a grad
+    is not readable in place or the weights changed.
     """
     if _kernel is None:
         return compute_partials([*grads, *weights], nthreads=nthreads)
@@ -150,6 +171,22 @@ def group_partials(
     if n == 0:
         return torch.empty((0, NCOLS), dtype=torch.float64)
     code = _codes(grads[:1])[0]
+    threads = torch.get_num_threads() if nthreads is None else nthreads
+    if (
+        reads is not None
+        and not reads.unreadable
+        and known.seen is not None
+        and (reads.wptrs, reads.wdtypes, reads.wnumels) == known.seen
+    ):
+        out = torch.empty((2 * n, NCOLS), dtype=torch.float64)
+        _kernel.compute(
+            reads.ptrs + reads.wptrs,
+            reads.numels + reads.wnumels,
+            [code] * n + known.codes,
+            out.data_ptr(),
+            threads,
+        )
+        return out
     # `flat`, `wflat` also keep any contiguous copy alive until the kernel returns.
     flat = [g if g.is_contiguous() and not g.is_neg() else _flatten(g) for g in grads]
     ptrs = [g.data_ptr() for g in flat]
@@ -169,7 +206,6 @@ def group_partials(
         else:  # a copy's pointer means nothing next time
             seen = ([w.data_ptr() for w in wflat], seen[1], seen[2])
     out = torch.empty((2 * n, NCOLS), dtype=torch.float64)
-    threads = torch.get_num_threads() if nthreads is None else nthreads
     _kernel.compute(
         ptrs + seen[0], numels + seen[2], [code] * n + known.codes, out.data_ptr(), threads
     )
