@@ -16,7 +16,7 @@ system-packages:
 # torch==2.13.0 first: on these machines it is a CPU wheel on local disk; a bare `torch`
 # requirement could pull a multi-GB CUDA build. --no-build-isolation: the C++ pass
 # (gradmon/agent/_scan.cpp) is compiled against this torch (see setup.py).
-.setup.stamp: pyproject.toml setup.py gradmon/stats/_cpu_kernel.c gradmon/agent/_scan.c
+.setup.stamp: pyproject.toml setup.py gradmon/stats/_cpu_kernel.c gradmon/agent/_scan.cpp
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "setuptools>=68" wheel
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
