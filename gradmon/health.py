@@ -274,6 +274,13 @@ class HealthRules:
         ratio = np.zeros(len(slots))
         idx = np.flatnonzero(judged)
         if len(idx):
+            # A norm under spike_factor x the smallest of its window is under spike_factor x
+            # its median: only the rest need the median (a sort of the row: most of this
+            # rule's cost over thousands of layers). Absolute ones need it for the order.
+            smallest = np.fmin.reduce(hist.values[slots[idx]], axis=1)  # NaN: not filled
+            maybe = ~(j.norm[idx] < cfg.spike_factor * smallest) | absolute[idx]
+            idx = idx[maybe]
+        if len(idx):
             ratio[idx] = j.norm[idx] / hist.median(slots[idx])
         over = ratio >= cfg.spike_factor  # the spread only raises the threshold
         wide = np.flatnonzero(over)

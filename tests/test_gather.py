@@ -228,3 +228,35 @@ def test_kept_references_are_weak_and_untracked(scan_pass: str) -> None:
 def test_the_pass_is_built_for_this_torch() -> None:
     assert gather._scan_module is not None
     assert gather._scan_module.torch_version == torch.__version__
+
+
+@needs_scan
+def test_the_kernel_reads_the_pointers_of_the_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first collection has checked the weights in full, the kernel is called
+    with the table the C++ pass wrote (no attribute is read again), until a weight moves."""
+    from gradmon.stats import cpu
+
+    kernel = cpu._kernel
+    assert kernel is not None
+    calls: list[str] = []
+
+    class Spy:
+        def compute(self, *args: object) -> None:
+            calls.append("compute")
+            kernel.compute(*args)
+
+        def compute_table(self, *args: object) -> None:
+            calls.append("table")
+            kernel.compute_table(*args)
+
+    monkeypatch.setattr(cpu, "_kernel", Spy())
+    model = Params(torch.float32)
+
+    def set_grads(step: int) -> None:
+        if step == 3:
+            model.p["odd"].data = torch.zeros(7, 3)  # moved: checked in full once more
+        _grads(model, step)
+
+    for snap, want in _train(model, 5, set_grads):
+        _check(snap, want)
+    assert calls == ["compute", "table", "table", "compute", "table"]

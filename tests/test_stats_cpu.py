@@ -306,6 +306,31 @@ def test_non_cpu_tensor_raises() -> None:
         cpu.compute_partials([torch.empty(3, device="meta")])
 
 
+def test_compute_table_matches_compute_and_validates() -> None:
+    """The same entries as an int64 [3, T] table (pointers, sizes, codes): the same rows."""
+    import numpy as np
+
+    kernel = cpu._kernel
+    assert kernel is not None
+    grads = [torch.randn(5), torch.randn(300).half(), torch.zeros(0), torch.randn(70_001).double()]
+    grads[1][3] = NAN
+    want = cpu.compute_partials(grads)
+    table = np.array(
+        [[g.data_ptr() for g in grads], [g.numel() for g in grads], [0, 1, 0, 3]],
+        dtype=np.int64,
+    )
+    out = torch.empty(len(grads), NCOLS, dtype=torch.float64)
+    kernel.compute_table(table.ctypes.data, len(grads), out.data_ptr(), 2)
+    assert torch.equal(out, want)
+    bad = table.copy()
+    bad[2, 1] = -1  # an unsupported dtype (what the C++ pass writes for one)
+    with pytest.raises(ValueError, match="bad entry 1"):
+        kernel.compute_table(bad.ctypes.data, len(grads), out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="table_ptr is NULL"):
+        kernel.compute_table(0, 1, out.data_ptr(), 1)
+    kernel.compute_table(0, 0, 0, 1)  # nothing to do
+
+
 def test_kernel_validates_its_arguments() -> None:
     kernel = cpu._kernel
     assert kernel is not None

@@ -19,6 +19,7 @@
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstdint>
 #include <exception>
 #include <vector>
 
@@ -65,14 +66,29 @@ int append_steal(PyObject *list, PyObject *item) {
     return rc;
 }
 
-/* The lists of one group, as open_group returns them (see scan's docstring). */
-enum { G_POSITIONS, G_GRADS, G_WEIGHTS, G_PTRS, G_NUMELS, G_WPTRS, G_WDTYPES, G_WNUMELS,
-       G_UNREADABLE, G_COUNT };
+/* What open_group returns: positions, grads, weights (lists), then the group's Reads table
+ * (an int64 [READ_ROWS, capacity] array, see gather.Reads) and its `unreadable` list, or
+ * two Nones where no pointers are wanted. */
+enum { G_POSITIONS, G_GRADS, G_WEIGHTS, G_TABLE, G_UNREADABLE, G_COUNT };
+enum { R_PTR, R_NUMEL, R_WPTR, R_WNUMEL, R_WCODE, READ_ROWS };
 
-struct Recent {
+/* The CPU kernel's dtype codes (stats/cpu.py SUPPORTED_DTYPES); -1: not one it reads. */
+int64_t kernel_code(c10::ScalarType t) {
+    switch (t) {
+        case c10::ScalarType::Float: return 0;
+        case c10::ScalarType::Half: return 1;
+        case c10::ScalarType::BFloat16: return 2;
+        case c10::ScalarType::Double: return 3;
+        default: return -1;
+    }
+}
+
+struct Group {
     c10::Device device;
     c10::ScalarType dtype;
     PyObject *lists; /* owned */
+    Py_buffer table; /* held while `has_table` */
+    bool has_table;
 };
 
 /* The groups met in one pass, remembered by their C++ device and dtype: open_group (a
@@ -81,71 +97,96 @@ class Groups {
   public:
     explicit Groups(PyObject *open_group) : open_group_(open_group) {}
     ~Groups() {
-        for (Recent &r : recent_) Py_DECREF(r.lists);
+        for (Group &g : recent_) drop(g);
     }
     Groups(const Groups &) = delete;
     Groups &operator=(const Groups &) = delete;
 
-    /* A borrowed tuple of lists, or NULL with an error set. */
-    PyObject *lists_for(const at::Tensor &g) {
+    /* The group of g (borrowed from this object), or NULL with an error set. */
+    Group *group_of(const at::Tensor &g) {
         c10::Device device = g.device();
         c10::ScalarType dtype = g.scalar_type();
-        for (const Recent &r : recent_)
-            if (r.device == device && r.dtype == dtype) return r.lists;
+        for (Group &r : recent_)
+            if (r.device == device && r.dtype == dtype) return &r;
         PyObject *device_obj = THPDevice_New(device);
         if (!device_obj) return nullptr;
         PyObject *dtype_obj = reinterpret_cast<PyObject *>(torch::getTHPDtype(dtype));
         PyObject *lists = PyObject_CallFunctionObjArgs(open_group_, device_obj, dtype_obj, nullptr);
         Py_DECREF(device_obj);
         if (!lists) return nullptr;
-        if (!valid(lists)) {
-            Py_DECREF(lists);
-            PyErr_SetString(PyExc_TypeError, "open_group must return a tuple of 9: 3 lists, then "
-                                             "6 lists or 6 Nones");
+        Group group{device, dtype, lists, {}, false};
+        if (!open(group)) {
+            drop(group);
             return nullptr;
         }
         if (recent_.size() == kRecent) { /* many groups: forget the oldest */
-            Py_DECREF(recent_.front().lists);
+            drop(recent_.front());
             recent_.erase(recent_.begin());
         }
-        recent_.push_back(Recent{device, dtype, lists});
-        return lists;
+        recent_.push_back(group);
+        return &recent_.back();
     }
 
   private:
-    static bool valid(PyObject *lists) {
-        if (!PyTuple_Check(lists) || PyTuple_GET_SIZE(lists) != G_COUNT) return false;
-        bool reads = PyTuple_GET_ITEM(lists, G_PTRS) != Py_None;
-        for (int k = 0; k < G_COUNT; k++) {
-            PyObject *item = PyTuple_GET_ITEM(lists, k);
-            if (k < G_PTRS || reads ? !PyList_Check(item) : item != Py_None) return false;
+    /* Checks what open_group returned and takes hold of the table's buffer. */
+    static bool open(Group &group) {
+        PyObject *lists = group.lists;
+        bool ok = PyTuple_Check(lists) && PyTuple_GET_SIZE(lists) == G_COUNT;
+        for (int k = 0; ok && k < G_TABLE; k++) ok = PyList_Check(PyTuple_GET_ITEM(lists, k));
+        PyObject *table = ok ? PyTuple_GET_ITEM(lists, G_TABLE) : nullptr;
+        PyObject *unreadable = ok ? PyTuple_GET_ITEM(lists, G_UNREADABLE) : nullptr;
+        ok = ok && (table == Py_None ? unreadable == Py_None : PyList_Check(unreadable));
+        if (!ok) {
+            PyErr_SetString(PyExc_TypeError, "open_group must return (positions, grads, "
+                                             "weights, table, unreadable): 3 lists, then an "
+                                             "int64 array and a list, or two Nones");
+            return false;
+        }
+        if (table == Py_None) return true;
+        if (PyObject_GetBuffer(table, &group.table, PyBUF_RECORDS) < 0) return false;
+        group.has_table = true;
+        const Py_buffer &v = group.table;
+        if (v.ndim != 2 || v.shape[0] != READ_ROWS || v.itemsize != 8 ||
+            !PyBuffer_IsContiguous(&v, 'C') || v.readonly) {
+            PyErr_Format(PyExc_TypeError, "open_group: the table must be a writable, "
+                                          "C-contiguous int64 array of %d rows", READ_ROWS);
+            return false;
         }
         return true;
     }
 
+    static void drop(Group &group) {
+        if (group.has_table) PyBuffer_Release(&group.table);
+        group.has_table = false;
+        Py_CLEAR(group.lists);
+    }
+
     static constexpr size_t kRecent = 8;
     PyObject *open_group_;
-    std::vector<Recent> recent_;
+    std::vector<Group> recent_;
 };
 
-/* The reads the CPU kernel needs of a fresh grad g and its weight w, appended to the
- * group's lists: g's data pointer (0, and its position in `unreadable`, when the kernel
- * cannot read it in place: not contiguous, or a lazily negated view) and element count;
- * w's data pointer, dtype and element count (cpu.KnownWeights checks them). */
-int append_reads(PyObject *lists, Py_ssize_t i, const at::Tensor &g, const at::Tensor &w) {
+/* The reads the CPU kernel needs of a fresh grad g and its weight w, written to column
+ * `col` of the group's table: g's data pointer (0, and its position in `unreadable`, when
+ * the kernel cannot read it in place: not contiguous, or a lazily negated view) and
+ * element count; w's data pointer, element count and dtype code (cpu.KnownWeights checks
+ * them). */
+int write_reads(Group &group, Py_ssize_t col, Py_ssize_t i, const at::Tensor &g,
+                const at::Tensor &w) {
+    Py_ssize_t capacity = group.table.shape[1];
+    if (col >= capacity) {
+        PyErr_Format(PyExc_ValueError, "the group's table holds %zd columns", capacity);
+        return -1;
+    }
     bool readable = g.is_contiguous() && !g.is_neg();
-    const void *ptr = readable ? g.const_data_ptr() : nullptr;
-    if (append_steal(PyTuple_GET_ITEM(lists, G_PTRS), PyLong_FromVoidPtr(const_cast<void *>(ptr))) < 0)
-        return -1;
+    auto *row = static_cast<int64_t *>(group.table.buf);
+    row[R_PTR * capacity + col] = readable ? reinterpret_cast<intptr_t>(g.const_data_ptr()) : 0;
+    row[R_NUMEL * capacity + col] = g.numel();
+    row[R_WPTR * capacity + col] = reinterpret_cast<intptr_t>(w.const_data_ptr());
+    row[R_WNUMEL * capacity + col] = w.numel();
+    row[R_WCODE * capacity + col] = kernel_code(w.scalar_type());
     if (!readable &&
-        append_steal(PyTuple_GET_ITEM(lists, G_UNREADABLE), PyLong_FromSsize_t(i)) < 0)
-        return -1;
-    PyObject *wdtype = reinterpret_cast<PyObject *>(torch::getTHPDtype(w.scalar_type()));
-    if (append_steal(PyTuple_GET_ITEM(lists, G_NUMELS), PyLong_FromLongLong(g.numel())) < 0 ||
-        append_steal(PyTuple_GET_ITEM(lists, G_WPTRS),
-                     PyLong_FromVoidPtr(const_cast<void *>(w.const_data_ptr()))) < 0 ||
-        PyList_Append(PyTuple_GET_ITEM(lists, G_WDTYPES), wdtype) < 0 ||
-        append_steal(PyTuple_GET_ITEM(lists, G_WNUMELS), PyLong_FromLongLong(w.numel())) < 0)
+        append_steal(PyTuple_GET_ITEM(group.lists, G_UNREADABLE), PyLong_FromSsize_t(i)) < 0)
         return -1;
     return 0;
 }
@@ -183,7 +224,9 @@ Outcome scan_one(Py_ssize_t i, PyObject *p, PyObject *last, PyObject *versions, 
     PyObject *grad = THPVariable_Wrap(g); /* the object p.grad returns */
     if (!grad) return kError;
     Outcome outcome = kError;
-    PyObject *ref = untracked_ref(grad), *version_obj = nullptr, *lists = nullptr;
+    PyObject *ref = untracked_ref(grad), *version_obj = nullptr, *positions = nullptr;
+    Group *group = nullptr;
+    Py_ssize_t col = 0;
     if (!ref || PyList_SetItem(last, i, ref) < 0) goto done; /* steals ref */
     version_obj = PyLong_FromUnsignedLong(version);
     if (!version_obj || PyList_SetItem(versions, i, version_obj) < 0) goto done; /* steals */
@@ -192,15 +235,17 @@ Outcome scan_one(Py_ssize_t i, PyObject *p, PyObject *last, PyObject *versions, 
         outcome = kSpecial;
         goto done;
     }
-    lists = groups.lists_for(g);
-    if (!lists) goto done;
+    group = groups.group_of(g);
+    if (!group) goto done;
     Py_INCREF(Py_True);
     if (PyList_SetItem(fresh, i, Py_True) < 0) goto done; /* steals */
-    if (append_steal(PyTuple_GET_ITEM(lists, G_POSITIONS), PyLong_FromSsize_t(i)) < 0 ||
-        PyList_Append(PyTuple_GET_ITEM(lists, G_GRADS), grad) < 0 ||
-        PyList_Append(PyTuple_GET_ITEM(lists, G_WEIGHTS), p) < 0)
+    positions = PyTuple_GET_ITEM(group->lists, G_POSITIONS);
+    col = PyList_GET_SIZE(positions);
+    if (append_steal(positions, PyLong_FromSsize_t(i)) < 0 ||
+        PyList_Append(PyTuple_GET_ITEM(group->lists, G_GRADS), grad) < 0 ||
+        PyList_Append(PyTuple_GET_ITEM(group->lists, G_WEIGHTS), p) < 0)
         goto done;
-    if (PyTuple_GET_ITEM(lists, G_PTRS) != Py_None && append_reads(lists, i, g, w) < 0) goto done;
+    if (group->has_table && write_reads(*group, col, i, g, w) < 0) goto done;
     outcome = kDone;
 done:
     Py_DECREF(grad);
@@ -250,9 +295,12 @@ PyMethodDef methods[] = {
      "to or its `_version` is not `versions[i]`; then `last[i]` becomes an untracked weak\n"
      "reference to the grad and `versions[i]` its version. A fresh strided grad of a plain\n"
      "parameter (`plain[i]`) sets `fresh[i] = True` and is appended to its group:\n"
-     "`open_group(device, dtype)` returns a tuple of lists (positions, grads, weights, then\n"
-     "ptrs, numels, wptrs, wdtypes, wnumels, unreadable, or 6 Nones where no pointers are\n"
-     "wanted). Other fresh parameters are appended to `specials`."},
+     "`open_group(device, dtype)` returns (positions, grads, weights, table, unreadable):\n"
+     "3 lists, then an int64 [5, capacity] array whose column k gets the k-th grad's data\n"
+     "pointer (0 if not contiguous or negated: its position goes to the `unreadable` list)\n"
+     "and element count, its weight's data pointer, element count and CPU-kernel dtype code\n"
+     "(-1: none), or two Nones where no pointers are wanted. Other fresh parameters are\n"
+     "appended to `specials`."},
     {nullptr, nullptr, 0, nullptr},
 };
 

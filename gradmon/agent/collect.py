@@ -83,11 +83,13 @@ class PartialsCollector:
         blocks: Blocks = {}
         failed: set[int] = set()
         for key, group in gathered.groups.items():
-            failed.update(group.positions)
+            done = False
             with guard("collect"):
                 block = self._group_block(key, group, gathered.viewed, grad_scale)
                 blocks.setdefault(block.device, []).append((block, group.positions))
-                failed.difference_update(group.positions)
+                done = True
+            if not done:  # the guard counted the error and let training go on
+                failed.update(group.positions)
         return blocks, failed
 
     def _group_block(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,20 +71,19 @@ def grad_view(grad: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
     return grad, None
 
 
-@dataclass
 class Reads:
-    """What the CPU kernel needs of a group's tensors, read in the C++ pass while they are at
-    hand (index-aligned with the group's grads): the grads' data pointers and element
-    counts, the weights' data pointers, dtypes and element counts (cpu.KnownWeights checks
-    these), and the positions of grads the kernel cannot read in place (their pointer is 0:
-    not contiguous, or a lazily negated view)."""
+    """What the CPU kernel needs of a group's tensors, read in the C++ pass while they are
+    at hand. `table` is int64 [5, capacity]; column k is about the group's k-th grad and
+    holds its data pointer and element count, then its weight's data pointer, element
+    count and kernel dtype code (cpu.KnownWeights checks these three). `unreadable`: the
+    positions of grads the kernel cannot read in place (their pointer is 0: not
+    contiguous, or a lazily negated view)."""
 
-    ptrs: list[int] = field(default_factory=list)
-    numels: list[int] = field(default_factory=list)
-    wptrs: list[int] = field(default_factory=list)
-    wdtypes: list[torch.dtype] = field(default_factory=list)
-    wnumels: list[int] = field(default_factory=list)
-    unreadable: list[int] = field(default_factory=list)
+    ROWS = 5
+
+    def __init__(self, table: np.ndarray[Any, np.dtype[np.int64]]) -> None:
+        self.table = table
+        self.unreadable: list[int] = []
 
 
 @dataclass
@@ -97,14 +97,10 @@ class Group:
     weights: list[torch.Tensor] = field(default_factory=list)
     reads: Reads | None = None
 
-    def lists(self) -> tuple[list[Any] | None, ...]:
-        """The lists the C++ pass appends to (see _scan.scan's `open_group`)."""
+    def lists(self) -> tuple[Any, ...]:
+        """What the C++ pass appends to and writes (see _scan.scan's `open_group`)."""
         r = self.reads
-        tail = (
-            (None,) * 6
-            if r is None
-            else (r.ptrs, r.numels, r.wptrs, r.wdtypes, r.wnumels, r.unreadable)
-        )
+        tail = (None, None) if r is None else (r.table, r.unreadable)
         return (self.positions, self.grads, self.weights, *tail)
 
     def add(self, position: int, grad: torch.Tensor, weight: torch.Tensor) -> None:
@@ -150,6 +146,7 @@ class Gatherer:
         self._index = index
         self._skip = skip
         self._read_pointers = read_pointers
+        self._tables: dict[GroupKey, np.ndarray[Any, np.dtype[np.int64]]] = {}  # Reads
         self.skipped_positions: set[int] = set()  # monitored parameters left out later
         # The grad each parameter had at the last collection, held weakly (a freed grad
         # whose memory a new one reuses is still told apart, unlike by id()), and its
@@ -218,13 +215,20 @@ class Gatherer:
 
     def _open_group(
         self, groups: dict[GroupKey, Group], device: torch.device, dtype: torch.dtype
-    ) -> tuple[list[Any] | None, ...]:
+    ) -> tuple[Any, ...]:
         """The C++ pass's `open_group`: the lists of the (device, dtype) group, made on
         first use, with Reads where the CPU kernel will read the group."""
         group = groups.get((device, dtype))
         if group is None:
             wanted = self._read_pointers and cpu.kernel_takes(device, dtype)
-            group = groups[(device, dtype)] = Group(reads=Reads() if wanted else None)
+            reads = None
+            if wanted:  # one table per group, reused: it is read within the collection
+                table = self._tables.get((device, dtype))
+                if table is None:
+                    shape = (Reads.ROWS, len(self._last_grad))
+                    table = self._tables[(device, dtype)] = np.empty(shape, dtype=np.int64)
+                reads = Reads(table)
+            group = groups[(device, dtype)] = Group(reads=reads)
         return group.lists()
 
     def _scan(self, out: Gathered, specials: list[int]) -> int:

@@ -287,67 +287,43 @@ static void pool_child(void) {
     pool.size = pool.busy = 0;
 }
 
-static PyObject *compute(PyObject *self, PyObject *args) {
-    PyObject *ptrs_o, *numels_o, *dtypes_o, *out_o;
-    int nthreads;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOi:compute", &ptrs_o, &numels_o, &dtypes_o, &out_o,
-                          &nthreads))
-        return NULL;
-    PyObject *ptrs = PySequence_Fast(ptrs_o, "ptrs must be a sequence");
-    PyObject *numels = ptrs ? PySequence_Fast(numels_o, "numels must be a sequence") : NULL;
-    PyObject *dtypes = numels ? PySequence_Fast(dtypes_o, "dtypes must be a sequence") : NULL;
-    item_t *items = NULL, *whole = NULL;
-    int64_t *first = NULL; /* first item of each tensor, plus a sentinel */
-    PyObject *result = NULL;
-    if (!dtypes) goto done;
-    Py_ssize_t T = PySequence_Fast_GET_SIZE(ptrs);
-    if (PySequence_Fast_GET_SIZE(numels) != T || PySequence_Fast_GET_SIZE(dtypes) != T) {
-        PyErr_SetString(PyExc_ValueError, "ptrs, numels and dtypes must have equal lengths");
-        goto done;
+/* Checks one tensor's entry; 0, or -1 with a ValueError. */
+static int check_entry(Py_ssize_t i, long long n, long long dt, const void *p) {
+    if (n < 0 || dt < 0 || dt >= DT_COUNT || (n > 0 && p == NULL)) {
+        PyErr_Format(PyExc_ValueError, "bad entry %zd: numel %lld, dtype %lld, ptr %p", i, n,
+                     dt, p);
+        return -1;
     }
-    double *out = (double *)PyLong_AsVoidPtr(out_o);
-    if (PyErr_Occurred()) goto done;
-    if (T > 0 && out == NULL) {
-        PyErr_SetString(PyExc_ValueError, "out_ptr is NULL");
-        goto done;
-    }
-    /* Validate every entry and count the items before anything is read. The sequences
-     * are read once, into `whole` (an item per tensor), then split into CHUNK items. */
-    first = PyMem_Malloc(sizeof(int64_t) * (size_t)(T + 1));
-    whole = PyMem_Malloc(sizeof(item_t) * (size_t)(T ? T : 1));
-    if (!first || !whole) {
+    return 0;
+}
+
+/* The partials of T checked tensors (an item each in `whole`) into out ([T, 8]): split
+ * into items of CHUNK elements, run on up to nthreads threads, combined per tensor in
+ * item order. 0, or -1 with MemoryError. */
+static int run_tensors(const item_t *whole, Py_ssize_t T, double *out, int nthreads) {
+    int64_t *first = PyMem_Malloc(sizeof(int64_t) * (size_t)(T + 1)); /* + a sentinel */
+    if (!first) {
         PyErr_NoMemory();
-        goto done;
+        return -1;
     }
     int64_t nitems = 0, total = 0;
     for (Py_ssize_t i = 0; i < T; i++) {
-        long long n = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(numels, i));
-        long dt = PyLong_AsLong(PySequence_Fast_GET_ITEM(dtypes, i));
-        void *p = PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(ptrs, i));
-        if (PyErr_Occurred()) goto done;
-        if (n < 0 || dt < 0 || dt >= DT_COUNT || (n > 0 && p == NULL)) {
-            PyErr_Format(PyExc_ValueError, "bad entry %zd: numel %lld, dtype %ld, ptr %p", i,
-                         n, dt, p);
-            goto done;
-        }
-        whole[i] = (item_t){.ptr = p, .start = 0, .len = n, .dtype = (int)dt};
         first[i] = nitems;
-        nitems += (n + CHUNK - 1) / CHUNK;
-        total += n;
+        nitems += (whole[i].len + CHUNK - 1) / CHUNK;
+        total += whole[i].len;
     }
     first[T] = nitems;
-    items = PyMem_Malloc(sizeof(item_t) * (size_t)(nitems ? nitems : 1));
+    item_t *items = PyMem_Malloc(sizeof(item_t) * (size_t)(nitems ? nitems : 1));
     if (!items) {
+        PyMem_Free(first);
         PyErr_NoMemory();
-        goto done;
+        return -1;
     }
     for (Py_ssize_t i = 0; i < T; i++) {
         for (int64_t k = first[i], s = 0; k < first[i + 1]; k++, s += CHUNK) {
-            int64_t len = whole[i].len - s < CHUNK ? whole[i].len - s : CHUNK;
             items[k] = whole[i];
             items[k].start = s;
-            items[k].len = len;
+            items[k].len = whole[i].len - s < CHUNK ? whole[i].len - s : CHUNK;
         }
     }
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
@@ -377,14 +353,93 @@ static PyObject *compute(PyObject *self, PyObject *args) {
         row[C_INF] = (double)a.infs;
     }
     Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
     PyMem_Free(items);
-    PyMem_Free(whole);
     PyMem_Free(first);
+    return 0;
+}
+
+static double *out_pointer(PyObject *out_o, Py_ssize_t T) {
+    double *out = (double *)PyLong_AsVoidPtr(out_o);
+    if (PyErr_Occurred()) return NULL;
+    if (T > 0 && out == NULL) PyErr_SetString(PyExc_ValueError, "out_ptr is NULL");
+    return out;
+}
+
+static PyObject *compute(PyObject *self, PyObject *args) {
+    PyObject *ptrs_o, *numels_o, *dtypes_o, *out_o;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOi:compute", &ptrs_o, &numels_o, &dtypes_o, &out_o,
+                          &nthreads))
+        return NULL;
+    PyObject *ptrs = PySequence_Fast(ptrs_o, "ptrs must be a sequence");
+    PyObject *numels = ptrs ? PySequence_Fast(numels_o, "numels must be a sequence") : NULL;
+    PyObject *dtypes = numels ? PySequence_Fast(dtypes_o, "dtypes must be a sequence") : NULL;
+    item_t *whole = NULL;
+    PyObject *result = NULL;
+    if (!dtypes) goto done;
+    Py_ssize_t T = PySequence_Fast_GET_SIZE(ptrs);
+    if (PySequence_Fast_GET_SIZE(numels) != T || PySequence_Fast_GET_SIZE(dtypes) != T) {
+        PyErr_SetString(PyExc_ValueError, "ptrs, numels and dtypes must have equal lengths");
+        goto done;
+    }
+    double *out = out_pointer(out_o, T);
+    if (PyErr_Occurred()) goto done;
+    /* Every entry is checked before anything is read. */
+    whole = PyMem_Malloc(sizeof(item_t) * (size_t)(T ? T : 1));
+    if (!whole) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < T; i++) {
+        long long n = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(numels, i));
+        long long dt = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(dtypes, i));
+        void *p = PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(ptrs, i));
+        if (PyErr_Occurred() || check_entry(i, n, dt, p) < 0) goto done;
+        whole[i] = (item_t){.ptr = p, .start = 0, .len = n, .dtype = (int)dt};
+    }
+    if (run_tensors(whole, T, out, nthreads) == 0) result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(whole);
     Py_XDECREF(ptrs);
     Py_XDECREF(numels);
     Py_XDECREF(dtypes);
+    return result;
+}
+
+/* compute() with its entries in a table of int64 instead of three sequences of ints: no
+ * Python int per entry (the agent's pass writes the table, gather.py Reads). */
+static PyObject *compute_table(PyObject *self, PyObject *args) {
+    PyObject *table_o, *out_o;
+    Py_ssize_t T;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OnOi:compute_table", &table_o, &T, &out_o, &nthreads))
+        return NULL;
+    if (T < 0) {
+        PyErr_SetString(PyExc_ValueError, "T must not be negative");
+        return NULL;
+    }
+    const int64_t *table = (const int64_t *)PyLong_AsVoidPtr(table_o);
+    if (PyErr_Occurred()) return NULL;
+    if (T > 0 && table == NULL) {
+        PyErr_SetString(PyExc_ValueError, "table_ptr is NULL");
+        return NULL;
+    }
+    double *out = out_pointer(out_o, T);
+    if (PyErr_Occurred()) return NULL;
+    item_t *whole = PyMem_Malloc(sizeof(item_t) * (size_t)(T ? T : 1));
+    if (!whole) return PyErr_NoMemory();
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < T; i++) {
+        const void *p = (const void *)(intptr_t)table[i];
+        long long n = table[T + i], dt = table[2 * T + i];
+        if (check_entry(i, n, dt, p) < 0) goto done;
+        whole[i] = (item_t){.ptr = p, .start = 0, .len = n, .dtype = (int)dt};
+    }
+    if (run_tensors(whole, T, out, nthreads) == 0) result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(whole);
     return result;
 }
 
@@ -394,6 +449,10 @@ static PyMethodDef methods[] = {
      "Write float64 [T, 8] partials to out_ptr. dtype codes: 0 f32, 1 f16, 2 bf16, 3 f64.\n"
      "The caller guarantees that each pointer addresses numel contiguous elements and that\n"
      "out_ptr addresses T*8 writable doubles, all valid for the whole call."},
+    {"compute_table", compute_table, METH_VARARGS,
+     "compute_table(table_ptr, T, out_ptr, nthreads) -> None\n\n"
+     "compute() with the entries in a C-contiguous int64 [3, T] table at table_ptr: the\n"
+     "pointers, then the element counts, then the dtype codes."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from gradmon.stats.layout import NCOLS
@@ -126,24 +127,26 @@ def compute_partials(
 
 class KnownWeights:
     """What one group's weights looked like at the last `group_partials` call that checked
-    them in full: their data pointers, dtypes and sizes (and dtype codes). A parameter's
-    data moves, or changes dtype or size, only when its `.data` is replaced
-    (`model.to()`, `.half()`, `load_state_dict(assign=True)`); then, or when the group's
-    members change, they are checked in full again."""
+    them in full: their data pointers, dtypes and sizes (and dtype codes); `table`, the
+    same as int64 rows of pointers, sizes and codes (see Pointers). A parameter's data
+    moves, or changes dtype or size, only when its `.data` is replaced (`model.to()`,
+    `.half()`, `load_state_dict(assign=True)`); then, or when the group's members change,
+    they are checked in full again."""
 
     def __init__(self) -> None:
         self.seen: tuple[list[int], list[torch.dtype], list[int]] | None = None
         self.codes: list[int] = []
+        self.table: np.ndarray[Any, np.dtype[np.int64]] | None = None
 
 
 class Pointers(Protocol):
-    """What the caller already read of a group's tensors (agent/gather.py's Reads)."""
+    """What the caller already read of a group's tensors (agent/gather.py's Reads): an
+    int64 [5, >= T] table whose column k holds grad k's data pointer and element count,
+    then its weight's data pointer, element count and dtype code (-1: unsupported); and
+    the positions of grads whose pointer is 0 because the kernel cannot read them in
+    place."""
 
-    ptrs: list[int]
-    numels: list[int]
-    wptrs: list[int]
-    wdtypes: list[torch.dtype]
-    wnumels: list[int]
+    table: np.ndarray[Any, np.dtype[np.int64]]
     unreadable: list[int]
 
 
@@ -172,21 +175,18 @@ def group_partials(
         return torch.empty((0, NCOLS), dtype=torch.float64)
     code = _codes(grads[:1])[0]
     threads = torch.get_num_threads() if nthreads is None else nthreads
-    if (
-        reads is not None
-        and not reads.unreadable
-        and known.seen is not None
-        and (reads.wptrs, reads.wdtypes, reads.wnumels) == known.seen
-    ):
-        out = torch.empty((2 * n, NCOLS), dtype=torch.float64)
-        _kernel.compute(
-            reads.ptrs + reads.wptrs,
-            reads.numels + reads.wnumels,
-            [code] * n + known.codes,
-            out.data_ptr(),
-            threads,
-        )
-        return out
+    if reads is not None and not reads.unreadable and known.table is not None:
+        table = reads.table[:, :n]
+        if np.array_equal(table[2:], known.table):
+            # Grads then weights: pointers, sizes and codes, as the kernel's table reads them.
+            entries = np.empty((3, 2 * n), dtype=np.int64)
+            entries[:2, :n] = table[:2]
+            entries[:2, n:] = table[2:4]
+            entries[2, :n] = code
+            entries[2, n:] = table[4]
+            out = torch.empty((2 * n, NCOLS), dtype=torch.float64)
+            _kernel.compute_table(entries.ctypes.data, 2 * n, out.data_ptr(), threads)
+            return out
     # `flat`, `wflat` also keep any contiguous copy alive until the kernel returns.
     flat = [g if g.is_contiguous() and not g.is_neg() else _flatten(g) for g in grads]
     ptrs = [g.data_ptr() for g in flat]
@@ -198,11 +198,12 @@ def group_partials(
         [w.numel() for w in weights],
     )
     if seen != known.seen:
-        known.seen = None
+        known.seen = known.table = None
         wflat = _readable(weights)
         known.codes = _codes(wflat)
         if all(a is b for a, b in zip(wflat, weights, strict=True)):
             known.seen = seen  # read in place: next time the pointers are enough
+            known.table = np.array([seen[0], seen[2], known.codes], dtype=np.int64)
         else:  # a copy's pointer means nothing next time
             seen = ([w.data_ptr() for w in wflat], seen[1], seen[2])
     out = torch.empty((2 * n, NCOLS), dtype=torch.float64)
