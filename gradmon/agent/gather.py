@@ -213,6 +213,10 @@ class Gatherer:
             )
         return out
 
+    def forget(self) -> None:
+        """The next gather() takes every grad as fresh (`gradmon bench` times the pass)."""
+        self._last_grad = [None] * len(self._last_grad)
+
     def _open_group(
         self, groups: dict[GroupKey, Group], device: torch.device, dtype: torch.dtype
     ) -> tuple[Any, ...]:

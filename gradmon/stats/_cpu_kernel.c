@@ -130,13 +130,15 @@ static inline float load_bf16(uint16_t h) { return from_bits_float((uint32_t)h <
         for (; i + LANES <= n; i += LANES)                                                 \
             for (int j = 0; j < LANES; j++) STEP(VAL, UT, p[i + j], j);                    \
         for (int j = 0; i + j < n; j++) STEP(VAL, UT, p[i + j], j);                        \
-        double S = 0, Q = 0, MN = INFINITY, MX = -INFINITY;                                \
+        double S = 0, Q = 0;                                                               \
         int64_t Z = 0, NN = 0, NI = 0;                                                     \
+        VAL MN_ = (VAL)INFINITY, MX_ = -(VAL)INFINITY; /* in VAL: no conversion per lane */ \
         for (int j = 0; j < LANES; j++) {                                                  \
             S += s[j], Q += q[j], Z += z[j], NN += nn[j], NI += ni[j];                     \
-            MN = mn[j] < MN ? mn[j] : MN;                                                  \
-            MX = mx[j] > MX ? mx[j] : MX;                                                  \
+            MN_ = mn[j] < MN_ ? mn[j] : MN_;                                               \
+            MX_ = mx[j] > MX_ ? mx[j] : MX_;                                               \
         }                                                                                  \
+        double MN = (double)MN_, MX = (double)MX_;                                         \
         if (!(CAREFUL) && !isfinite(S)) return 0;                                          \
         r->sum += S, r->sumsq += Q, r->zeros += Z, r->nans += NN, r->infs += NI;           \
         r->mn = MN < r->mn ? MN : r->mn;                                                   \

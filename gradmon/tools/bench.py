@@ -9,15 +9,16 @@ the order forward on even rounds and reversed on odd ones, so machine noise and
 position in the round hit all alike; medians are reported (and means: a scrape every 15 s
 lands in few steps, so only the mean carries its cost).
 
-The statistics pass times the agent's real call, `partials_and_param_sum_squares` (the
-grads' partials and the weights' norms, with the group's `KnownWeights`, as
-agent/collect.py makes it), against one `torch._foreach_norm` of the grads (what
-`clip_grad_norm_` reads) and against one of the grads and one of the weights (the same
-bytes read).
+The statistics pass times the agent's real calls, the pass over the parameters and the
+statistics call (agent/gather.py and agent/collect.py: the grads' partials and the
+weights' norms), against reading the grads off the parameters and one
+`torch._foreach_norm` of them (what `clip_grad_norm_` reads), and against that plus one
+`_foreach_norm` of the weights (the same bytes read).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import json
@@ -33,9 +34,12 @@ import torch
 from torch import nn
 
 import gradmon
+from gradmon.agent.collect import PartialsCollector
+from gradmon.agent.gather import Gatherer
+from gradmon.agent.layers import LayerIndex
+from gradmon.config import Config
 from gradmon.stats import partials_and_param_sum_squares, select_backend
 from gradmon.stats import torch as torch_stats
-from gradmon.stats.cpu import KnownWeights
 
 SCRAPE_INTERVALS = (1.0, 15.0)  # seconds: a fast Prometheus job, and its default
 
@@ -310,24 +314,31 @@ def run_bench(
             mon.close()
     arms = arms_from_times(names, times, scrapers)
 
-    grads = [p.grad for p in watched.parameters() if p.grad is not None]
-    weights: list[torch.Tensor] = [p for p in watched.parameters() if p.grad is not None]
+    params = [p for p in watched.parameters() if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
     backend = select_backend("auto", grads[0].device, grads[0].dtype)
 
+    # Each arm reads the grads off the parameters, as a step does.
     def foreach_norm() -> None:
-        torch._foreach_norm(grads)
+        torch._foreach_norm([p.grad for p in params if p.grad is not None])
 
     def foreach_norm_both() -> None:
-        torch._foreach_norm(grads)
-        torch._foreach_norm(weights)
+        torch._foreach_norm([p.grad for p in params if p.grad is not None])
+        torch._foreach_norm(params)
 
-    known = KnownWeights()  # the agent keeps one per group: weights checked in full once
+    # The agent's pass and statistics call, as a collection runs them (agent/gather.py,
+    # agent/collect.py), every grad taken as fresh each time.
+    index = LayerIndex.build(list(watched.named_parameters()), Config())
+    gatherer = Gatherer(index, lambda name, why: None, watched, None)
+    collector = PartialsCollector("auto", index.numels)
 
     def agent_call() -> None:
-        partials_and_param_sum_squares(backend, grads, weights, known)
+        gatherer.forget()
+        collector.collect(gatherer.gather(), lambda stage: contextlib.nullcontext())
 
     def plain() -> None:
-        partials_and_param_sum_squares(torch_stats.compute_partials, grads, weights)
+        grads = [p.grad for p in params if p.grad is not None]
+        partials_and_param_sum_squares(torch_stats.compute_partials, grads, params)
 
     calls = [foreach_norm, foreach_norm_both, agent_call, plain]
     _interleaved(calls, 3)
