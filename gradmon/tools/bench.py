@@ -314,7 +314,7 @@ def run_bench(
             mon.close()
     arms = arms_from_times(names, times, scrapers)
 
-    params = [p for p in watched.parameters() if p.grad is not None]
+    params: list[torch.Tensor] = [p for p in watched.parameters() if p.grad is not None]
     grads = [p.grad for p in params if p.grad is not None]
     backend = select_backend("auto", grads[0].device, grads[0].dtype)
 
