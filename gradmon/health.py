@@ -145,6 +145,15 @@ class _History:
         return spread
 
 
+Slots = Array | slice  # this collection's layers' rows in the state arrays (HealthRules)
+
+
+def _pick(slots: Slots, which: Any) -> Any:
+    """The state rows of `which` (a mask, indices or one index over this collection's
+    layers)."""
+    return which if isinstance(slots, slice) else slots[which]
+
+
 def _row_medians(rows: Array, count: Array) -> Array:
     """The median of the first `count[i]` finite values of each row (the rest are NaN)."""
     ordered = np.sort(rows, axis=1)
@@ -158,7 +167,7 @@ class HealthRules:
         self.config = config
         self._slot: dict[str, int] = {}
         self._names: list[str] = []
-        self._cached: tuple[Sequence[str], Array] | None = None  # names -> their slots
+        self._cached: tuple[Sequence[str], Slots] | None = None  # names -> their slots
         self._hist = _History(config.spike_window)
         self._state = {k: np.zeros(0, dtype=np.int64) for k in _COUNTS}
         self._flags = {k: np.zeros(0, dtype=bool) for k in _FLAGS}
@@ -174,7 +183,7 @@ class HealthRules:
         gradmon_grad_structurally_zero{layer} 1. Safe to call from another thread."""
         return self._structural_names
 
-    def _slots(self, names: Sequence[str]) -> Array:
+    def _slots(self, names: Sequence[str]) -> Slots:
         """Each layer's position in the state arrays (new layers get new state)."""
         if self._cached is not None and self._cached[0] is names:
             return self._cached[1]
@@ -194,8 +203,11 @@ class HealthRules:
             self._flags[k] = np.concatenate([f, np.full(size - len(f), fill)])
         more = size - len(self._param_norm)
         self._param_norm = np.concatenate([self._param_norm, np.full(more, np.nan)])
-        self._cached = (names, slots)
-        return slots
+        # Every layer, in slot order (the usual case): a slice, whose selections are views
+        # where an index array's are copies (a few dozen per collection).
+        every = size == len(names) and bool((slots == np.arange(size)).all())
+        self._cached = (names, slice(None) if every else slots)
+        return self._cached[1]
 
     def evaluate(
         self, step: int, layers: Mapping[str, LayerStats], global_norm: float
@@ -220,7 +232,7 @@ class HealthRules:
             found += self._global_spike(step, global_norm)
         return found + vanishing + dead
 
-    def _structural(self, j: Judged, slots: Array, zero: Array, median_rms: float) -> None:
+    def _structural(self, j: Judged, slots: Slots, zero: Array, median_rms: float) -> None:
         """Negligible since the first collection, for `patience` of them: said once."""
         cfg, flags = self.config, self._flags
         negligible = (j.bad == 0) & (zero | (j.rms <= cfg.structural_ratio * median_rms))
@@ -229,8 +241,8 @@ class HealthRules:
         returned = np.flatnonzero(back & flags["structural"][slots]).tolist()
         for i in returned:
             log.info("gradmon: %s carries a gradient now; judged as any layer", j.names[i])
-        flags["negligible"][slots[back]] = False
-        flags["structural"][slots[back]] = False
+        flags["negligible"][_pick(slots, back)] = False
+        flags["structural"][_pick(slots, back)] = False
         if returned:
             self._flagged_changed()
         new = (
@@ -243,7 +255,7 @@ class HealthRules:
         found = np.flatnonzero(new).tolist()
         if not found:
             return
-        flags["structural"][slots[found]] = True
+        flags["structural"][_pick(slots, found)] = True
         self._flagged_changed()
         # One warning per collection, however many layers it finds (a deep model can hold
         # thousands): the count, the first names, and their rms against the median.
@@ -264,37 +276,37 @@ class HealthRules:
         structural = np.flatnonzero(self._flags["structural"]).tolist()
         self._structural_names = tuple(self._names[i] for i in structural)
 
-    def _jumps(self, step: int, j: Judged, slots: Array) -> list[Anomaly]:
+    def _jumps(self, step: int, j: Judged, slots: Slots) -> list[Anomaly]:
         """Each finite layer's norm against its own baseline; a norm over the threshold
         stays out of the baseline (it stays what it was before)."""
         cfg, hist, over_run = self.config, self._hist, self._state["over"]
         finite = j.bad == 0
         absolute = finite & (j.norm > cfg.exploding_norm)
         judged = finite & j.received & (j.norm > 0) & (hist.count[slots] >= cfg.spike_warmup)
-        ratio = np.zeros(len(slots))
+        ratio = np.zeros(len(j.names))
         idx = np.flatnonzero(judged)
         if len(idx):
             # A norm under spike_factor x the smallest of its window is under spike_factor x
             # its median: only the rest need the median (a sort of the row: most of this
             # rule's cost over thousands of layers). Absolute ones need it for the order.
-            smallest = np.fmin.reduce(hist.values[slots[idx]], axis=1)  # NaN: not filled
+            smallest = np.fmin.reduce(hist.values[_pick(slots, idx)], axis=1)  # NaN: not filled
             maybe = ~(j.norm[idx] < cfg.spike_factor * smallest) | absolute[idx]
             idx = idx[maybe]
         if len(idx):
-            ratio[idx] = j.norm[idx] / hist.median(slots[idx])
+            ratio[idx] = j.norm[idx] / hist.median(_pick(slots, idx))
         over = ratio >= cfg.spike_factor  # the spread only raises the threshold
         wide = np.flatnonzero(over)
         if len(wide):
-            spread = hist.spread(slots[wide])
+            spread = hist.spread(_pick(slots, wide))
             over[wide] = ratio[wide] >= cfg.spike_factor * np.exp(cfg.spike_mad * spread)
         run = np.where(over, over_run[slots] + 1, 0)
         over_run[slots] = np.where(finite, run, over_run[slots])  # NaN steps are not judged
         grow = finite & ~over & j.received & (j.norm > 0)
-        hist.append(slots[grow], j.norm[grow])
+        hist.append(_pick(slots, grow), j.norm[grow])
         flagged = np.flatnonzero(over | absolute)
         if not len(flagged):
             return []
-        before = self._param_norm[slots[flagged]]
+        before = self._param_norm[_pick(slots, flagged)]
         weights_jumped = (before > 0) & (j.param_norm[flagged] >= cfg.spike_factor * before)
         key = np.where(absolute[flagged], np.maximum(ratio[flagged], 1.0), ratio[flagged])
         order = np.lexsort((flagged, -key, ~weights_jumped))
@@ -304,18 +316,20 @@ class HealthRules:
             if absolute[i]:
                 found.append(Anomaly(j.names[i], "exploding", float(j.norm[i]), step))
                 continue
-            kind: AnomalyKind = "exploding" if over_run[slots[i]] >= cfg.patience else "spike"
+            run_i = over_run[_pick(slots, i)]
+            kind: AnomalyKind = "exploding" if run_i >= cfg.patience else "spike"
             found.append(Anomaly(j.names[i], kind, float(ratio[i]), step))
         return found
 
-    def _dead(self, step: int, j: Judged, slots: Array, zero: Array) -> list[Anomaly]:
+    def _dead(self, step: int, j: Judged, slots: Slots, zero: Array) -> list[Anomaly]:
         """No (or an all-zero) gradient for `dead_window` collections, or twice the longest
         idle run the layer came back from. A zero gradient from the first collection on
         is structural, never dead."""
         flags, idle_run, longest = self._flags, self._state["idle"], self._state["longest_idle"]
         idle = zero & ~flags["structural"][slots] & ~(j.received & flags["negligible"][slots])
         back = ~idle & (idle_run[slots] > 0)
-        longest[slots[back]] = np.maximum(longest[slots[back]], idle_run[slots[back]])
+        came_back = _pick(slots, back)
+        longest[came_back] = np.maximum(longest[came_back], idle_run[came_back])
         idle_run[slots] = np.where(idle, idle_run[slots] + 1, 0)
         limit = np.maximum(self.config.dead_window, 2 * longest[slots])
         # The value is the zero ratio: a dead layer's gradient is all zeros (or absent).
@@ -323,7 +337,7 @@ class HealthRules:
         return [Anomaly(j.names[i], "dead", 1.0, step) for i in dead]
 
     def _vanishing(
-        self, step: int, j: Judged, slots: Array, zero: Array, median_rms: float
+        self, step: int, j: Judged, slots: Slots, zero: Array, median_rms: float
     ) -> list[Anomaly]:
         cfg, run = self.config, self._state["vanishing"]
         small = (j.rms < cfg.vanishing_rms) | (j.rms < cfg.vanishing_ratio * median_rms)
