@@ -289,7 +289,8 @@ class HealthRules:
             # A norm under spike_factor x the smallest of its window is under spike_factor x
             # its median: only the rest need the median (a sort of the row: most of this
             # rule's cost over thousands of layers). Absolute ones need it for the order.
-            smallest = np.fmin.reduce(hist.values[_pick(slots, idx)], axis=1)  # NaN: not filled
+            # Over this collection's rows, then picked: with a slice, no copy of the window.
+            smallest = np.fmin.reduce(hist.values[slots], axis=1)[idx]  # NaN: not filled
             maybe = ~(j.norm[idx] < cfg.spike_factor * smallest) | absolute[idx]
             idx = idx[maybe]
         if len(idx):
