@@ -24,7 +24,10 @@ step = (arm - none) / N. Arms:
 
 Every arm's model competes for the CPU caches with the others' (eight models in all);
 `--arms gradmon` times the agent against the untouched copies only, closer to a run that
-trains one model. It asserts nothing: it prints the table (and `--json`).
+trains one model. `--repeats K` runs the whole measurement K times, each with fresh copies
+(whose tensors land elsewhere in memory: a copy's layout alone moves its forward by a few
+tenths of a µs a tensor), and reports the median over the repeats, each repeat's figure
+listed under the table. It asserts nothing: it prints the table (and `--json`).
 """
 
 from __future__ import annotations
@@ -153,31 +156,51 @@ def main() -> None:
         help="only these arms (and the two untouched copies): fewer models compete for the "
         "caches, as in a run that trains one model",
     )
+    parser.add_argument("--repeats", type=int, default=1, help="fresh copies, K times")
     args = parser.parse_args()
     rows = []
     for n in args.sizes:
         rounds = max(10, args.rounds * 1000 // max(n, 1000))
-        med = measure(n, -(-rounds // 10) * 10, args.warmup, args.arms)  # a multiple of 10
-        # The baseline is both untouched copies' mean; half their gap is the noise (±).
-        none, again = med.pop("none"), med.pop("none again")
-        base = (none + again) / 2
-        added = {k: (v - base) / n * 1e6 for k, v in med.items()}
-        noise = abs(none - again) / 2 / n * 1e6
+        repeats = []
+        for _ in range(max(1, args.repeats)):
+            med = measure(n, -(-rounds // 10) * 10, args.warmup, args.arms)  # a multiple of 10
+            # The baseline is both untouched copies' mean; half their gap is the noise (±).
+            none, again = med.pop("none"), med.pop("none again")
+            base = (none + again) / 2
+            added = {k: (v - base) / n * 1e6 for k, v in med.items()}
+            repeats.append((base, abs(none - again) / 2 / n * 1e6, added))
         rows.append(
-            {"tensors": n, "none_ms": base * 1e3, "noise_us": noise, "added_us_per_tensor": added}
+            {
+                "tensors": n,
+                "none_ms": statistics.median(r[0] for r in repeats) * 1e3,
+                "noise_us": statistics.median(r[1] for r in repeats),
+                "added_us_per_tensor": {
+                    k: statistics.median(r[2][k] for r in repeats) for k in repeats[0][2]
+                },
+                "repeats": [r[2] for r in repeats],
+            }
         )
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     arms_shown = list(rows[0]["added_us_per_tensor"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; added host time per")
-    print("tensor per step (us), medians over rounds with alternating arm order")
+    print("tensor per step (us), medians over rounds with alternating arm order", end="")
+    print(f", then over {args.repeats} repeats" if args.repeats > 1 else "")
     print("| N | step, none (ms) | noise (±) | " + " | ".join(arms_shown) + " |")
     print("|---|---|---|" + "---|" * len(arms_shown))
     for row in rows:
         added = row["added_us_per_tensor"]
         cells = " | ".join(f"{added[a]:.1f}" for a in arms_shown)  # type: ignore[index]
         print(f"| {row['tensors']} | {row['none_ms']:.1f} | {row['noise_us']:.1f} | {cells} |")
+    if args.repeats > 1:
+        for row in rows:
+            each = row["repeats"]
+            listed = "; ".join(
+                f"{a} " + ", ".join(f"{r[a]:.1f}" for r in each)  # type: ignore[index]
+                for a in arms_shown
+            )
+            print(f"N={row['tensors']} repeats: {listed}")
 
 
 if __name__ == "__main__":
