@@ -210,10 +210,14 @@ def test_same_families_pushed_and_a_clean_finish_said(gateway: Pushgateway) -> N
         mon.log(loss=0.5)
         mon.snapshot(wait=True)
         group = {"job": "gradmon", "instance": HOST}
-        _wait(
-            "3 steps in the Pushgateway",
-            lambda: _value(_samples(gateway.url), "gradmon_steps_total", **group) == 3,
-        )
+
+        # A push from before mon.log() can already say 3 steps: wait for one after it.
+        def pushed_all() -> bool:
+            samples = _samples(gateway.url)
+            steps = _value(samples, "gradmon_steps_total", **group)
+            return steps == 3 and _value(samples, "gradmon_scalar", name="loss", **group) == 0.5
+
+        _wait("3 steps and the logged loss in the Pushgateway", pushed_all)
         pushed = _samples(gateway.url)
         served = {
             s.name for m in registry.collect() for s in m.samples if s.name.startswith("gradmon_")
