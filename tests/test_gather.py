@@ -207,8 +207,9 @@ def test_weights_changed_under_the_monitor_are_read_again(scan_pass: str) -> Non
 
 def test_kept_references_are_weak_and_untracked(scan_pass: str) -> None:
     """From one collection to the next the pass keeps a reference per grad: weak (a grad
-    set to None is freed) and, from the C++ pass, untracked by the cyclic GC (N tracked
-    ones set off full collections of the heap)."""
+    set to None is freed) and untracked by the cyclic GC (N tracked ones set off full
+    collections of the heap): by the C++ pass, or by the C kernel's `weaken` for the
+    Python one (a plain `pip install` builds the kernel but not the C++ pass)."""
     model = nn.Linear(8, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with gradmon.attach(model, opt, config=NO_SERVER) as mon:
@@ -218,8 +219,7 @@ def test_kept_references_are_weak_and_untracked(scan_pass: str) -> None:
         grads = [weakref.ref(p.grad) for p in model.parameters() if p.grad is not None]
         kept = mon._pipeline.parts.gatherer._last_grad  # type: ignore[union-attr]
         assert len(grads) == 2 and all(isinstance(r, weakref.ref) for r in kept)
-        if scan_pass == "c++":
-            assert not any(gc.is_tracked(r) for r in kept)
+        assert not any(gc.is_tracked(r) for r in kept)
         opt.zero_grad(set_to_none=True)
         assert all(g() is None for g in grads)
 

@@ -420,3 +420,24 @@ def test_group_partials_of_nothing_and_of_an_unsupported_weight() -> None:
     assert cpu.group_partials([], [], cpu.KnownWeights()).shape == (0, NCOLS)
     with pytest.raises(TypeError, match="does not support dtype"):
         cpu.group_partials([torch.ones(2)], [torch.ones(2, dtype=torch.int32)], cpu.KnownWeights())
+
+
+def test_weaken_turns_held_objects_into_untracked_weak_references() -> None:
+    """The agent's freshness check keeps a weak reference per grad from one collection to
+    the next; weaken() makes them in place, untracked by the cyclic GC."""
+    import gc
+    import importlib
+    import weakref
+
+    weaken = importlib.import_module("gradmon.stats._cpu_kernel").weaken
+    a, b = torch.ones(2), torch.zeros(3)
+    existing = weakref.ref(b)
+    held: list[object] = [a, None, existing]
+    weaken(held)
+    assert held[1] is None and held[2] is existing
+    ref = held[0]
+    assert isinstance(ref, weakref.ref) and ref() is a and not gc.is_tracked(ref)
+    del a
+    assert ref() is None  # weak: the tensor is gone
+    with pytest.raises(TypeError, match="list"):
+        weaken((b,))

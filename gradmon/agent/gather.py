@@ -27,6 +27,15 @@ log = logging.getLogger("gradmon")
 
 GroupKey = tuple[torch.device, torch.dtype]
 
+# Where the C++ pass is not built, the Python one keeps its weak references untracked by
+# the cyclic GC with the C kernel's `weaken` (see _cpu_kernel.c); not built either:
+# weakref.ref, tracked.
+_weaken: Callable[[list[Any]], None] | None
+try:  # by module name: see stats/cpu.py
+    _weaken = importlib.import_module("gradmon.stats._cpu_kernel").weaken
+except (ImportError, AttributeError):
+    _weaken = None
+
 
 def _load_scan() -> ModuleType | None:
     """The pass over the parameters in C++ (gradmon/agent/_scan.cpp), or None: not built
@@ -242,31 +251,36 @@ class Gatherer:
         last, version = self._last_grad, self._last_version
         plain, strided = self._plain, torch.strided
         gone = 0
-        for i, ref in enumerate(self._index.param_refs):
-            p = ref()
-            if p is None:
-                gone += 1
-                continue
-            g = p.grad
-            if g is None:
-                last[i] = None
-                continue
-            seen, current = last[i], g._version
-            if seen is not None and seen() is g and current == version[i]:
-                continue
-            last[i], version[i] = weakref.ref(g), current
-            # A dense grad has its (floating) parameter's dtype: torch checks it.
-            if not (plain[i] and g.layout is strided):
-                specials.append(i)
-                continue
-            fresh[i] = True
-            key = (g.device, g.dtype)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = Group()
-            group.positions.append(i)
-            group.grads.append(g)
-            group.weights.append(p)  # read, never written: no detach needed
+        try:
+            for i, ref in enumerate(self._index.param_refs):
+                p = ref()
+                if p is None:
+                    gone += 1
+                    continue
+                g = p.grad
+                if g is None:
+                    last[i] = None
+                    continue
+                seen, current = last[i], g._version
+                if seen is not None and seen() is g and current == version[i]:
+                    continue
+                # Held strongly for this pass only: weaken() turns it into a weak reference.
+                last[i], version[i] = g if _weaken is not None else weakref.ref(g), current
+                # A dense grad has its (floating) parameter's dtype: torch checks it.
+                if not (plain[i] and g.layout is strided):
+                    specials.append(i)
+                    continue
+                fresh[i] = True
+                key = (g.device, g.dtype)
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = Group()
+                group.positions.append(i)
+                group.grads.append(g)
+                group.weights.append(p)  # read, never written: no detach needed
+        finally:  # never held past this pass, even when a parameter raised
+            if _weaken is not None:
+                _weaken(last)
         return gone
 
     def _special(

@@ -445,7 +445,40 @@ done:
     return result;
 }
 
+/* weaken(list): each item that is neither None nor already a weak reference is replaced,
+ * in place, by a weak reference to it (without callback), which is then untracked from the
+ * cyclic GC. The agent's Python pass (gather.py, where the C++ one is not built) keeps,
+ * from one collection to the next, a weak reference to each gradient it read: weakref objects are GC-tracked for the sake of their
+ * callbacks, and N of them living across a step were promoted to the oldest generation
+ * and set off full collections of the whole heap (~1 us a tensor per step, measured). A
+ * weak reference without a callback takes part in no cycle, so it need not be tracked
+ * (its dealloc untracks again: a no-op). Made here in one pass, they are never tracked
+ * while a collection could promote them. */
+static PyObject *weaken(PyObject *self, PyObject *list) {
+    (void)self;
+    if (!PyList_Check(list)) {
+        PyErr_SetString(PyExc_TypeError, "weaken takes a list");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
+        PyObject *o = PyList_GET_ITEM(list, i);
+        if (o == Py_None || PyWeakref_CheckRef(o)) continue;
+        PyObject *ref = PyWeakref_NewRef(o, NULL);
+        if (!ref) return NULL;
+        if (((PyWeakReference *)ref)->wr_callback == NULL && PyObject_GC_IsTracked(ref))
+            PyObject_GC_UnTrack(ref);
+        PyList_SET_ITEM(list, i, ref); /* steals ref */
+        Py_DECREF(o);                  /* the list's reference to the object */
+    }
+    Py_RETURN_NONE;
+}
+
+
 static PyMethodDef methods[] = {
+    {"weaken", weaken, METH_O,
+     "weaken(list) -> None\n\n"
+     "Replace each item that is not None or a weak reference by an untracked weak\n"
+     "reference to it, in place."},
     {"compute", compute, METH_VARARGS,
      "compute(ptrs, numels, dtypes, out_ptr, nthreads) -> None\n\n"
      "Write float64 [T, 8] partials to out_ptr. dtype codes: 0 f32, 1 f16, 2 bf16, 3 f64.\n"
