@@ -208,9 +208,7 @@ class Gatherer:
             if special is not None:
                 out.fresh[i] = True
                 view, weight = special
-                key = (view.device, view.dtype)
-                group = out.groups.get(key) or out.groups.setdefault(key, Group())
-                group.add(i, view, weight)
+                out.groups.setdefault((view.device, view.dtype), Group()).add(i, view, weight)
         if gone and not self._warned_gone:
             self._warned_gone = True
             log.warning(

@@ -127,16 +127,15 @@ def compute_partials(
 
 class KnownWeights:
     """What one group's weights looked like at the last `group_partials` call that checked
-    them in full: their data pointers, dtypes and sizes (and dtype codes); `table`, the
-    bytes of the same as int64 rows of pointers, sizes and codes (see Pointers). A parameter's data
-    moves, or changes dtype or size, only when its `.data` is replaced (`model.to()`,
-    `.half()`, `load_state_dict(assign=True)`); then, or when the group's members change,
-    they are checked in full again."""
+    them in full: `table`, the bytes of int64 rows of their data pointers, sizes and dtype
+    codes (see Pointers), and `codes`. A parameter's data moves, or changes dtype or size,
+    only when its `.data` is replaced (`model.to()`, `.half()`,
+    `load_state_dict(assign=True)`); then, or when the group's members change, they are
+    checked in full again."""
 
     def __init__(self) -> None:
-        self.seen: tuple[list[int], list[torch.dtype], list[int]] | None = None
+        self.table: bytes | None = None  # None: not read in place (copies), check again
         self.codes: list[int] = []
-        self.table: bytes | None = None
         self._out: torch.Tensor | None = None
 
     def output(self, rows: int) -> torch.Tensor:
@@ -201,23 +200,19 @@ def group_partials(
     flat = [g if g.is_contiguous() and not g.is_neg() else _flatten(g) for g in grads]
     ptrs = [g.data_ptr() for g in flat]
     numels = [g.numel() for g in flat]
-    wflat = weights
-    seen = (
-        [w.data_ptr() for w in weights],
-        [w.dtype for w in weights],
-        [w.numel() for w in weights],
-    )
-    if seen != known.seen:
-        known.seen = known.table = None
+    wptrs = [w.data_ptr() for w in weights]
+    wnumels = [w.numel() for w in weights]
+    wcodes = [_CODES.get(w.dtype, -1) for w in weights]
+    now = np.array([wptrs, wnumels, wcodes], dtype=np.int64).tobytes()
+    if now != known.table:
+        known.table = None
         wflat = _readable(weights)
-        known.codes = _codes(wflat)
+        known.codes = _codes(wflat)  # TypeError naming an unsupported dtype
         if all(a is b for a, b in zip(wflat, weights, strict=True)):
-            known.seen = seen  # read in place: next time the pointers are enough
-            known.table = np.array([seen[0], seen[2], known.codes], dtype=np.int64).tobytes()
+            known.table = now  # read in place: next time the pointers are enough
         else:  # a copy's pointer means nothing next time
-            seen = ([w.data_ptr() for w in wflat], seen[1], seen[2])
+            wptrs = [w.data_ptr() for w in wflat]
     out = torch.empty((2 * n, NCOLS), dtype=torch.float64)
-    _kernel.compute(
-        ptrs + seen[0], numels + seen[2], [code] * n + known.codes, out.data_ptr(), threads
-    )
+    codes = [code] * n + known.codes
+    _kernel.compute(ptrs + wptrs, numels + wnumels, codes, out.data_ptr(), threads)
     return out
