@@ -331,6 +331,32 @@ def test_compute_table_matches_compute_and_validates() -> None:
     kernel.compute_table(0, 0, 0, 1)  # nothing to do
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_only_entries_give_the_full_sum_of_squares_bits(dtype: torch.dtype) -> None:
+    """A code plus NORM_ONLY: the same sum of squares as the full partials (NaN/Inf left
+    out through the careful redo, a float64 overflow to inf), NaN in the other columns."""
+    torch.manual_seed(5)
+    tensors = [torch.randn(n).to(dtype) for n in (0, 1, 31, 4097, 70_001)]
+    tensors[2][[0, 30]] = torch.tensor([NAN, INF], dtype=dtype)
+    tensors[4][[5, 65_536, 70_000]] = torch.tensor([-INF, NAN, NAN], dtype=dtype)
+    if dtype == torch.float64:
+        tensors.append(torch.full((64,), 1e300, dtype=dtype))  # x*x overflows: inf
+    full = assert_matches(tensors)
+    code = cpu._CODES[dtype] + cpu.NORM_ONLY
+    for threads in (1, 2):
+        got = torch.empty(len(tensors), NCOLS, dtype=torch.float64)
+        kernel = cpu._kernel
+        assert kernel is not None
+        ptrs = [t.data_ptr() for t in tensors]
+        kernel.compute(
+            ptrs, [t.numel() for t in tensors], [code] * len(tensors), got.data_ptr(), threads
+        )
+        assert torch.equal(got[:, Col.SUM_SQ], full[:, Col.SUM_SQ])
+        assert bool(got[:, Col.SUM_SQ + 1 :].isnan().all())
+    if dtype == torch.float64:
+        assert got[-1, Col.SUM_SQ] == INF
+
+
 def test_kernel_validates_its_arguments() -> None:
     kernel = cpu._kernel
     assert kernel is not None
@@ -390,8 +416,23 @@ def grads_and_weights(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torc
     grads[2][:100] = 0
     grads.append(torch.randn(6, 7).to(dtype).t())  # non-contiguous
     weights = [torch.randn(g.shape).to(dtype) for g in grads]
+    weights[2][[7, 4096]] = torch.tensor([NAN, -INF], dtype=dtype)  # the norm's redo
     weights[-1] = torch.randn(7, 6).to(dtype).t()  # non-contiguous: read through a copy
     return grads, weights
+
+
+def assert_group_matches(
+    grads: list[torch.Tensor], weights: list[torch.Tensor], got: torch.Tensor
+) -> None:
+    """group_partials' rows: the grads' partials against the oracle; the weights' sums of
+    squares the bits of their full partials' (same lanes, same order), the rest NaN."""
+    n = len(grads)
+    assert got.shape == (2 * n, NCOLS)
+    assert_matches(grads, got[:n])
+    full = assert_matches(weights)  # the kernel's full partials of the weights, checked
+    assert torch.equal(got[n:, Col.SUM_SQ], full[:, Col.SUM_SQ])
+    rest = torch.cat([got[n:, : Col.SUM_SQ], got[n:, Col.SUM_SQ + 1 :]], dim=1)
+    assert bool(rest.isnan().all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -402,18 +443,18 @@ def test_group_partials_match_float64_across_calls(dtype: torch.dtype) -> None:
     grads, weights = grads_and_weights(dtype)
     known = cpu.KnownWeights()
     for _ in range(2):
-        assert_matches(grads + weights, cpu.group_partials(grads, weights, known))
+        assert_group_matches(grads, weights, cpu.group_partials(grads, weights, known))
     plain = weights[:-1]  # all read in place: the next call trusts the pointers
     cpu.group_partials(grads[:-1], plain, known)
     assert known.table is not None
     plain[2].mul_(-3.0)  # in place: same pointer, new values
-    assert_matches(grads[:-1] + plain, cpu.group_partials(grads[:-1], plain, known))
+    assert_group_matches(grads[:-1], plain, cpu.group_partials(grads[:-1], plain, known))
     param = torch.nn.Parameter(plain[1].clone())
     swapped = [*plain[:1], param, *plain[2:]]
     cpu.group_partials(grads[:-1], swapped, known)
     param.data = torch.randn(3, dtype=torch.float64)  # another dtype and size
     got = cpu.group_partials(grads[:-1], swapped, known)
-    assert_matches(grads[:-1] + swapped, got)
+    assert_group_matches(grads[:-1], swapped, got)
 
 
 def test_group_partials_of_nothing_and_of_an_unsupported_weight() -> None:

@@ -6,7 +6,8 @@ Contract of `_cpu_kernel.compute(ptrs, numels, dtypes, out_ptr, nthreads)`:
 * ``ptrs``, ``numels`` and ``dtypes`` are sequences of ints of equal length T (checked
   in C, as are negative numels, unknown codes and NULL pointers); ``ptrs[i]`` addresses
   ``numels[i]`` contiguous elements of dtype code ``dtypes[i]`` (0 float32, 1 float16,
-  2 bfloat16, 3 float64).
+  2 bfloat16, 3 float64), plus ``NORM_ONLY`` (16) where only the sum of squares is wanted
+  (the row's other columns are then NaN: a weight, read for its norm, costs less).
 * ``out_ptr`` addresses T*8 writable, contiguous float64 values (row-major ``[T, 8]``)
   that overlap no input.
 * Every buffer stays valid and unchanged for the whole call. The kernel releases the GIL,
@@ -48,6 +49,7 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (
     torch.float64,
 )
 _CODES: dict[torch.dtype, int] = {dt: code for code, dt in enumerate(SUPPORTED_DTYPES)}
+NORM_ONLY = 16  # added to a dtype code: the sum of squares only (see the contract above)
 
 
 def _flatten(g: torch.Tensor) -> torch.Tensor:
@@ -165,9 +167,10 @@ def group_partials(
     nthreads: int | None = None,
     reads: Pointers | None = None,
 ) -> torch.Tensor:
-    """[2T, 8] float64 partials of T grads, then of their T weights: `compute_partials(
-    [*grads, *weights])` for the agent's groups, with fewer checks per tensor (the host
-    cost of a collection is mostly these attribute reads).
+    """[2T, 8] float64: the partials of T grads, then rows of their T weights that hold
+    only the sum of squares (column SUM_SQ; the others are NaN). `compute_partials(grads)`
+    and the weights' squared norms in one kernel call, for the agent's groups, with fewer
+    checks per tensor (the host cost of a collection is mostly these attribute reads).
 
     The caller guarantees that `grads` are strided CPU tensors of one supported dtype (it
     grouped them by device, dtype and layout); the weights are checked in full only when
@@ -192,7 +195,7 @@ def group_partials(
             entries[:2, :n] = table[:2]
             entries[:2, n:] = table[2:4]
             entries[2, :n] = code
-            entries[2, n:] = table[4]
+            entries[2, n:] = table[4] + NORM_ONLY
             out = known.output(2 * n)
             _kernel.compute_table(entries.ctypes.data, 2 * n, out.data_ptr(), threads)
             return out
@@ -213,6 +216,6 @@ def group_partials(
         else:  # a copy's pointer means nothing next time
             wptrs = [w.data_ptr() for w in wflat]
     out = torch.empty((2 * n, NCOLS), dtype=torch.float64)
-    codes = [code] * n + known.codes
+    codes = [code] * n + [c + NORM_ONLY for c in known.codes]
     _kernel.compute(ptrs + wptrs, numels + wnumels, codes, out.data_ptr(), threads)
     return out
