@@ -27,16 +27,6 @@ log = logging.getLogger("gradmon")
 
 GroupKey = tuple[torch.device, torch.dtype]
 
-# Where the C++ pass is not built, the Python one keeps its weak references untracked by
-# the cyclic GC with the C kernel's `weaken` (see _cpu_kernel.c); not built either:
-# weakref.ref, tracked.
-_weaken: Callable[[list[Any]], None] | None
-try:  # by module name: see stats/cpu.py
-    _weaken = importlib.import_module("gradmon.stats._cpu_kernel").weaken
-except (ImportError, AttributeError):
-    _weaken = None
-
-
 def _load_scan() -> ModuleType | None:
     """The pass over the parameters in C++ (gradmon/agent/_scan.cpp), or None: not built
     (no compiler, or no torch at install time), or built against another torch (a torch
@@ -262,8 +252,9 @@ class Gatherer:
                 seen, current = last[i], g._version
                 if seen is not None and seen() is g and current == version[i]:
                     continue
-                # Held strongly for this pass only: weaken() turns it into a weak reference.
-                last[i], version[i] = g if _weaken is not None else weakref.ref(g), current
+                # Held strongly for this pass only: weaken() turns it into a weak reference
+                # (untracked by the cyclic GC where the C kernel is built).
+                last[i], version[i] = g, current
                 # A dense grad has its (floating) parameter's dtype: torch checks it.
                 if not (plain[i] and g.layout is strided):
                     specials.append(i)
@@ -277,8 +268,7 @@ class Gatherer:
                 group.grads.append(g)
                 group.weights.append(p)  # read, never written: no detach needed
         finally:  # never held past this pass, even when a parameter raised
-            if _weaken is not None:
-                _weaken(last)
+            cpu.weaken(last)
         return gone
 
     def _special(

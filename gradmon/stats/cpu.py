@@ -25,6 +25,7 @@ count as zeros.
 from __future__ import annotations
 
 import importlib
+import weakref
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, Protocol
@@ -78,6 +79,20 @@ def _readable(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         else _flatten(t)
         for t in tensors
     ]
+
+
+def weaken(objects: list[Any]) -> None:
+    """Replaces, in place, each item that is neither None nor a weak reference by a weak
+    reference to it, untracked by the cyclic GC where the kernel is built (see its
+    `weaken`: weak references the agent holds for the whole run, or from one collection to
+    the next, add N objects to every collection of the oldest generation); plain
+    `weakref.ref` otherwise."""
+    if _kernel is not None:
+        _kernel.weaken(objects)
+        return
+    for i, item in enumerate(objects):
+        if item is not None and not isinstance(item, weakref.ref):
+            objects[i] = weakref.ref(item)
 
 
 def available() -> bool:
