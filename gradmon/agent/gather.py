@@ -27,6 +27,7 @@ log = logging.getLogger("gradmon")
 
 GroupKey = tuple[torch.device, torch.dtype]
 
+
 def _load_scan() -> ModuleType | None:
     """The pass over the parameters in C++ (gradmon/agent/_scan.cpp), or None: not built
     (no compiler, or no torch at install time), or built against another torch (a torch
