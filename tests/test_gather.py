@@ -256,9 +256,9 @@ def test_the_kernel_reads_the_pointers_of_the_pass(monkeypatch: pytest.MonkeyPat
             calls.append("compute")
             kernel.compute(*args)
 
-        def compute_table(self, *args: object) -> None:
+        def compute_group(self, *args: object) -> None:
             calls.append("table")
-            kernel.compute_table(*args)
+            kernel.compute_group(*args)
 
     monkeypatch.setattr(cpu, "_kernel", Spy())
     model = Params(torch.float32)

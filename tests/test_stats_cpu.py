@@ -306,29 +306,43 @@ def test_non_cpu_tensor_raises() -> None:
         cpu.compute_partials([torch.empty(3, device="meta")])
 
 
-def test_compute_table_matches_compute_and_validates() -> None:
-    """The same entries as an int64 [3, T] table (pointers, sizes, codes): the same rows."""
+def test_compute_group_reads_the_pass_table() -> None:
+    """The agent's call: a [5, capacity] table of grads and weights (pointers, sizes,
+    weight codes; only the first n columns read) gives each grad's partials and its
+    weight's sum of squares side by side, the bits of compute()'s."""
     import numpy as np
 
     kernel = cpu._kernel
     assert kernel is not None
-    grads = [torch.randn(5), torch.randn(300).half(), torch.zeros(0), torch.randn(70_001).double()]
+    grads = [torch.randn(5), torch.randn(300), torch.zeros(0), torch.randn(70_001)]
     grads[1][3] = NAN
-    want = cpu.compute_partials(grads)
-    table = np.array(
-        [[g.data_ptr() for g in grads], [g.numel() for g in grads], [0, 1, 0, 3]],
-        dtype=np.int64,
-    )
-    out = torch.empty(len(grads), NCOLS, dtype=torch.float64)
-    kernel.compute_table(table.ctypes.data, len(grads), out.data_ptr(), 2)
-    assert torch.equal(out, want)
+    weights = [torch.randn(5), torch.randn(300).half(), torch.zeros(0), torch.randn(70_001)]
+    weights[3][9] = INF
+    n, capacity = len(grads), len(grads) + 3
+    table = np.full((5, capacity), -7, dtype=np.int64)  # junk past n: never read
+    table[:, :n] = [
+        [g.data_ptr() for g in grads],
+        [g.numel() for g in grads],
+        [w.data_ptr() for w in weights],
+        [w.numel() for w in weights],
+        [cpu._CODES[w.dtype] for w in weights],
+    ]
+    out = torch.empty(n, NCOLS + 1, dtype=torch.float64)
+    for threads in (1, 2):
+        kernel.compute_group(table.ctypes.data, capacity, n, 0, out.data_ptr(), threads)
+        assert torch.equal(out[:, :NCOLS], cpu.compute_partials(grads))
+        assert torch.equal(out[:, NCOLS], cpu.compute_partials(weights)[:, Col.SUM_SQ])
     bad = table.copy()
-    bad[2, 1] = -1  # an unsupported dtype (what the C++ pass writes for one)
-    with pytest.raises(ValueError, match="bad entry 1"):
-        kernel.compute_table(bad.ctypes.data, len(grads), out.data_ptr(), 1)
+    bad[4, 1] = -1  # an unsupported weight dtype (what the C++ pass writes for one)
+    with pytest.raises(ValueError, match="bad entry 5"):
+        kernel.compute_group(bad.ctypes.data, capacity, n, 0, out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="bad group"):
+        kernel.compute_group(table.ctypes.data, n - 1, n, 0, out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="bad group"):
+        kernel.compute_group(table.ctypes.data, capacity, n, 4, out.data_ptr(), 1)
     with pytest.raises(ValueError, match="table_ptr is NULL"):
-        kernel.compute_table(0, 1, out.data_ptr(), 1)
-    kernel.compute_table(0, 0, 0, 1)  # nothing to do
+        kernel.compute_group(0, 1, 1, 0, out.data_ptr(), 1)
+    kernel.compute_group(0, 0, 0, 0, 0, 1)  # nothing to do
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -386,26 +400,26 @@ def test_unavailable_kernel_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_partials_and_param_norms_in_one_call_match_float64(dtype: torch.dtype) -> None:
     """The C kernel reads the weights with the gradients (one call): the weights' squared
-    norms equal a float64 reference, the gradient partials are those of the gradients
-    alone, and a non-CPU-kernel backend takes the two separate paths."""
+    norms (the block's last column) equal a float64 reference, the gradient partials are
+    those of the gradients alone, and a non-CPU-kernel backend takes the two separate
+    paths into the same block."""
     from gradmon.stats import param_sum_squares as foreach_path
-    from gradmon.stats import partials_and_param_sum_squares
+    from gradmon.stats import partials_block
     from gradmon.stats import torch as torch_stats
 
     gen = torch.Generator().manual_seed(3)
     shapes = [(1,), (65537,), (7, 13), (0,), (300, 257)]
     grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
     weights = [torch.randn(s, generator=gen).mul(50).to(dtype) for s in shapes]
-    partials, param_sq = partials_and_param_sum_squares(cpu.compute_partials, grads, weights)
     want = [float(w.double().square().sum()) for w in weights]
-    assert param_sq.dtype == torch.float64 and param_sq.shape == (len(shapes),)
-    assert param_sq.tolist() == pytest.approx(want, rel=1e-12, abs=0)
-    assert torch.equal(partials, cpu.compute_partials(grads))
-    generic_partials, generic_sq = partials_and_param_sum_squares(
-        torch_stats.compute_partials, grads, weights
-    )
-    assert torch.equal(generic_sq, foreach_path(weights))
-    assert generic_partials.shape == partials.shape
+    for known in (None, cpu.KnownWeights()):
+        block = partials_block(cpu.compute_partials, grads, weights, known)
+        assert block.dtype == torch.float64 and block.shape == (len(shapes), NCOLS + 1)
+        assert block[:, NCOLS].tolist() == pytest.approx(want, rel=1e-12, abs=0)
+        assert torch.equal(block[:, :NCOLS], cpu.compute_partials(grads))
+    generic = partials_block(torch_stats.compute_partials, grads, weights)
+    assert torch.equal(generic[:, NCOLS], foreach_path(weights))
+    assert generic.shape == block.shape
 
 
 def grads_and_weights(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -424,15 +438,14 @@ def grads_and_weights(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torc
 def assert_group_matches(
     grads: list[torch.Tensor], weights: list[torch.Tensor], got: torch.Tensor
 ) -> None:
-    """group_partials' rows: the grads' partials against the oracle; the weights' sums of
-    squares the bits of their full partials' (same lanes, same order), the rest NaN."""
+    """group_partials' [T, 9] block: the grads' partials against the oracle; in the last
+    column the weights' sums of squares, the bits of their full partials' (the same lanes
+    in the same order)."""
     n = len(grads)
-    assert got.shape == (2 * n, NCOLS)
-    assert_matches(grads, got[:n])
+    assert got.shape == (n, NCOLS + 1)
+    assert_matches(grads, got[:, :NCOLS])
     full = assert_matches(weights)  # the kernel's full partials of the weights, checked
-    assert torch.equal(got[n:, Col.SUM_SQ], full[:, Col.SUM_SQ])
-    rest = torch.cat([got[n:, : Col.SUM_SQ], got[n:, Col.SUM_SQ + 1 :]], dim=1)
-    assert bool(rest.isnan().all())
+    assert torch.equal(got[:, NCOLS], full[:, Col.SUM_SQ])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -458,7 +471,7 @@ def test_group_partials_match_float64_across_calls(dtype: torch.dtype) -> None:
 
 
 def test_group_partials_of_nothing_and_of_an_unsupported_weight() -> None:
-    assert cpu.group_partials([], [], cpu.KnownWeights()).shape == (0, NCOLS)
+    assert cpu.group_partials([], [], cpu.KnownWeights()).shape == (0, NCOLS + 1)
     with pytest.raises(TypeError, match="does not support dtype"):
         cpu.group_partials([torch.ones(2)], [torch.ones(2, dtype=torch.int32)], cpu.KnownWeights())
 

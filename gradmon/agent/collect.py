@@ -11,11 +11,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
-import numpy as np
 import torch
 
 from gradmon.agent.gather import Gathered, Group, GroupKey
-from gradmon.stats import NCOLS, Col, PartialsFn, partials_and_param_sum_squares, select_backend
+from gradmon.stats import Col, PartialsFn, partials_block, select_backend
 from gradmon.stats.cpu import KnownWeights
 
 __all__ = ["Blocks", "PartialsCollector", "fill_implicit_zeros", "unscale_partials"]
@@ -27,7 +26,8 @@ Blocks = dict[torch.device, list[tuple[torch.Tensor, list[int] | None]]]
 
 def fill_implicit_zeros(partials: torch.Tensor, implicit: dict[int, int]) -> torch.Tensor:
     """Rows of sparse grads: the entries missing from their values are zeros, counted in
-    ZERO_COUNT and taken into MIN/MAX (sums and abs-max are unchanged by zeros)."""
+    ZERO_COUNT and taken into MIN/MAX (sums and abs-max are unchanged by zeros). Columns
+    after the partials (a block's parameter norm) are kept as they are."""
     partials = partials.clone()
     for row, zeros in implicit.items():
         partials[row, Col.ZERO_COUNT] += zeros
@@ -38,7 +38,8 @@ def fill_implicit_zeros(partials: torch.Tensor, implicit: dict[int, int]) -> tor
 
 def unscale_partials(partials: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """Partials of grad / scale from those of grad, on the partials' device, no host sync:
-    sum of squares times 1/s**2; sum, abs-max, min, max times 1/s; counts unchanged."""
+    sum of squares times 1/s**2; sum, abs-max, min, max times 1/s; counts unchanged, and
+    so are the columns after the partials (a block's parameter norm)."""
     if isinstance(scale, torch.Tensor):
         inv: torch.Tensor | float = (
             scale.detach()
@@ -48,7 +49,7 @@ def unscale_partials(partials: torch.Tensor, scale: torch.Tensor | float) -> tor
         )
     else:
         inv = 1.0 / float(scale)
-    factors = torch.ones(NCOLS, dtype=torch.float64, device=partials.device)
+    factors = torch.ones(partials.shape[1], dtype=torch.float64, device=partials.device)
     factors[Col.SUM_SQ : Col.MAX + 1] = inv  # a fill / device copy, not a host list
     factors[Col.SUM_SQ] = inv * inv
     return partials * factors
@@ -109,24 +110,20 @@ class PartialsCollector:
         known = self._known.get(key)
         if known is None:
             known = self._known[key] = KnownWeights()
-        partials, param_sq = partials_and_param_sum_squares(
-            backend, group.grads, group.weights, known, group.reads
-        )
+        block = partials_block(backend, group.grads, group.weights, known, group.reads)
         # Sparse grads: their values leave out the (implicit) zero entries. Only a grad
         # that needed a view can be one: dense ones are not looked at.
         implicit = dict(_implicit_zeros(group, self._numels, viewed)) if viewed else {}
         if implicit:
-            partials = fill_implicit_zeros(partials, implicit)
+            block = fill_implicit_zeros(block, implicit)
         if grad_scale is not None:
             # A fused optimizer under a GradScaler sees scaled grads: unscale on the device.
-            partials = unscale_partials(partials, grad_scale)
-        if partials.device.type == "cpu" and param_sq.device.type == "cpu":
-            # numpy: a few us where torch.cat and its view ops take tens (1000 rows).
-            block = np.empty((partials.shape[0], NCOLS + 1))
-            block[:, :NCOLS] = partials.numpy()
-            block[:, NCOLS] = param_sq.numpy()
-            return torch.from_numpy(block)
-        return torch.cat([partials, param_sq.unsqueeze(1).to(partials.device)], dim=1)
+            block = unscale_partials(block, grad_scale)
+        if block.device.type == "cpu":
+            # The kernel's block is a buffer its next call reuses, and this one may wait
+            # in flight beside a device copy: a copy (numpy: a few us, torch's tens).
+            return torch.from_numpy(block.numpy().copy())
+        return block
 
 
 def _implicit_zeros(group: Group, numels: list[int], viewed: set[int]) -> Iterator[tuple[int, int]]:

@@ -27,7 +27,7 @@ __all__ = [
     "cpu_kernel",
     "cpu_kernel_takes",
     "param_sum_squares",
-    "partials_and_param_sum_squares",
+    "partials_block",
     "select_backend",
 ]
 
@@ -39,7 +39,7 @@ log = logging.getLogger("gradmon")
 _CPU_DTYPES = cpu.SUPPORTED_DTYPES  # the C kernel's dtypes, listed once, in cpu.py
 
 
-@functools.cache  # asked on every collection (partials_and_param_sum_squares): probe once
+@functools.cache  # asked on every collection (partials_block): probe once
 def _cpu_kernel_built() -> bool:
     return cpu.available()
 
@@ -138,19 +138,21 @@ def param_sum_squares(params: Sequence[_torch.Tensor]) -> _torch.Tensor:
     return _torch.stack(norms).double().square()
 
 
-def partials_and_param_sum_squares(
+def partials_block(
     backend: PartialsFn,
     grads: Sequence[_torch.Tensor],
     params: Sequence[_torch.Tensor],
     known: cpu.KnownWeights | None = None,
     reads: cpu.Pointers | None = None,
-) -> tuple[_torch.Tensor, _torch.Tensor]:
-    """The [T, 8] partials of `grads` and the [T] float64 squared norms of `params`.
-    `known`, `reads`: see cpu.group_partials (the caller vouches for the grads).
+) -> _torch.Tensor:
+    """[T, 9] float64 on the grads' device: the 8 partials of each grad, then the squared
+    norm of its parameter (the agent's block, see agent/collect.py). `known`, `reads`: see
+    cpu.group_partials (the caller vouches for the grads); with them the result is the
+    kernel's reused buffer, to be copied before the group's next call.
 
-    With the C kernel, one call reads both (its float64 sum of squares of the weights):
-    per tensor it costs ~0.7 us against ~2 us for `_foreach_norm` (a 2,000-tensor model
-    spent 4 ms of every step in the latter), and per element it is no slower.
+    With the C kernel, one call reads both (the weights for their float64 sum of squares
+    only): per tensor it costs ~0.7 us against ~2 us for `_foreach_norm` (a 2,000-tensor
+    model spent 4 ms of every step in the latter), and per element it is no slower.
     """
     # The weights of one group share the grads' device and dtype (torch keeps a dense
     # grad like its parameter), so the first one tells for all.
@@ -158,8 +160,9 @@ def partials_and_param_sum_squares(
         # Read through data pointers: no detach needed. With `known` (the agent's groups:
         # strided grads of one dtype), the weights are checked in full only when changed.
         if known is not None:
-            both = cpu.group_partials(grads, params, known, reads=reads)
-        else:
-            both = backend([*grads, *params])
-        return both[: len(grads)], both[len(grads) :, Col.SUM_SQ]
-    return backend(grads), param_sum_squares(params)
+            return cpu.group_partials(grads, params, known, reads=reads)
+        both, n = backend([*grads, *params]), len(grads)
+        return _torch.cat([both[:n], both[n:, Col.SUM_SQ : Col.SUM_SQ + 1]], dim=1)
+    partials = backend(grads)
+    param_sq = param_sum_squares(params).to(partials.device)
+    return _torch.cat([partials, param_sq.unsqueeze(1)], dim=1)

@@ -333,10 +333,12 @@ static item_t entry(const void *p, long long n, long long dt) {
                     .norm_only = norm_only};
 }
 
-/* The partials of T checked tensors (an item each in `whole`) into out ([T, 8]): split
- * into items of CHUNK elements, run on up to nthreads threads, combined per tensor in
- * item order. 0, or -1 with MemoryError. */
-static int run_tensors(const item_t *whole, Py_ssize_t T, double *out, int nthreads) {
+/* The partials of T checked tensors (an item each in `whole`): split into items of CHUNK
+ * elements, run on up to nthreads threads, combined per tensor in item order. Tensor
+ * i < full writes its row of 8 at out + i * stride; tensor full + k (a norm-only one)
+ * writes its sum of squares at out + k * stride + NCOLS. 0, or -1 with MemoryError. */
+static int run_tensors(const item_t *whole, Py_ssize_t T, double *out, int nthreads,
+                       Py_ssize_t stride, Py_ssize_t full) {
     int64_t *first = PyMem_Malloc(sizeof(int64_t) * (size_t)(T + 1)); /* + a sentinel */
     if (!first) {
         PyErr_NoMemory();
@@ -377,7 +379,11 @@ static int run_tensors(const item_t *whole, Py_ssize_t T, double *out, int nthre
             a.mx = b->mx > a.mx ? b->mx : a.mx;
             a.zeros += b->zeros, a.nans += b->nans, a.infs += b->infs;
         }
-        double *row = out + (size_t)i * NCOLS;
+        if (i >= full) {
+            out[(size_t)(i - full) * stride + NCOLS] = a.sumsq;
+            continue;
+        }
+        double *row = out + (size_t)i * stride;
         row[C_SUMSQ] = a.sumsq;
         if (whole[i].norm_only) {
             for (int c = C_SUMSQ + 1; c < NCOLS; c++) row[c] = NAN;
@@ -438,7 +444,7 @@ static PyObject *compute(PyObject *self, PyObject *args) {
         if (PyErr_Occurred() || check_entry(i, n, dt, p) < 0) goto done;
         whole[i] = entry(p, n, dt);
     }
-    if (run_tensors(whole, T, out, nthreads) == 0) result = Py_NewRef(Py_None);
+    if (run_tensors(whole, T, out, nthreads, NCOLS, T) == 0) result = Py_NewRef(Py_None);
 done:
     PyMem_Free(whole);
     Py_XDECREF(ptrs);
@@ -447,37 +453,48 @@ done:
     return result;
 }
 
-/* compute() with its entries in a table of int64 instead of three sequences of ints: no
- * Python int per entry (the agent's pass writes the table, gather.py Reads). */
-static PyObject *compute_table(PyObject *self, PyObject *args) {
+/* The agent's call for one (device, dtype) group of n grads and their weights, read from
+ * the table its C++ pass wrote (gather.py Reads): int64 [5, capacity], of which the first
+ * n columns hold each grad's pointer and element count, then its weight's pointer,
+ * element count and dtype code. The grads all have dtype `code`. Writes [n, 9] doubles:
+ * the grad's 8 partials, then its weight's sum of squares (a weight is read for its norm
+ * only). No Python int per tensor, nothing to assemble afterwards. */
+static PyObject *compute_group(PyObject *self, PyObject *args) {
     PyObject *table_o, *out_o;
-    Py_ssize_t T;
-    int nthreads;
+    Py_ssize_t cap, n;
+    int code, nthreads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OnOi:compute_table", &table_o, &T, &out_o, &nthreads))
+    if (!PyArg_ParseTuple(args, "OnniOi:compute_group", &table_o, &cap, &n, &code, &out_o,
+                          &nthreads))
         return NULL;
-    if (T < 0) {
-        PyErr_SetString(PyExc_ValueError, "T must not be negative");
+    if (n < 0 || cap < n || code < 0 || code >= DT_COUNT) {
+        PyErr_Format(PyExc_ValueError, "bad group: n %zd, capacity %zd, code %d", n, cap, code);
         return NULL;
     }
     const int64_t *table = (const int64_t *)PyLong_AsVoidPtr(table_o);
     if (PyErr_Occurred()) return NULL;
-    if (T > 0 && table == NULL) {
+    if (n > 0 && table == NULL) {
         PyErr_SetString(PyExc_ValueError, "table_ptr is NULL");
         return NULL;
     }
-    double *out = out_pointer(out_o, T);
+    double *out = out_pointer(out_o, n);
     if (PyErr_Occurred()) return NULL;
-    item_t *whole = PyMem_Malloc(sizeof(item_t) * (size_t)(T ? T : 1));
+    item_t *whole = PyMem_Malloc(sizeof(item_t) * (size_t)(n ? 2 * n : 1));
     if (!whole) return PyErr_NoMemory();
     PyObject *result = NULL;
-    for (Py_ssize_t i = 0; i < T; i++) {
-        const void *p = (const void *)(intptr_t)table[i];
-        long long n = table[T + i], dt = table[2 * T + i];
-        if (check_entry(i, n, dt, p) < 0) goto done;
-        whole[i] = entry(p, n, dt);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const void *g = (const void *)(intptr_t)table[i], *w = (const void *)(intptr_t)table[2 * cap + i];
+        long long gn = table[cap + i], wn = table[3 * cap + i], wdt = table[4 * cap + i];
+        if (check_entry(i, gn, code, g) < 0) goto done;
+        if (wdt >= NORM_ONLY || check_entry(n + i, wn, wdt, w) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "bad entry %zd: dtype %lld", n + i, wdt);
+            goto done;
+        }
+        whole[i] = entry(g, gn, code);
+        whole[n + i] = entry(w, wn, wdt + NORM_ONLY);
     }
-    if (run_tensors(whole, T, out, nthreads) == 0) result = Py_NewRef(Py_None);
+    if (run_tensors(whole, 2 * n, out, nthreads, NCOLS + 1, n) == 0) result = Py_NewRef(Py_None);
 done:
     PyMem_Free(whole);
     return result;
@@ -523,10 +540,12 @@ static PyMethodDef methods[] = {
      "plus 16: the sum of squares only (the row's other columns are NaN).\n"
      "The caller guarantees that each pointer addresses numel contiguous elements and that\n"
      "out_ptr addresses T*8 writable doubles, all valid for the whole call."},
-    {"compute_table", compute_table, METH_VARARGS,
-     "compute_table(table_ptr, T, out_ptr, nthreads) -> None\n\n"
-     "compute() with the entries in a C-contiguous int64 [3, T] table at table_ptr: the\n"
-     "pointers, then the element counts, then the dtype codes."},
+    {"compute_group", compute_group, METH_VARARGS,
+     "compute_group(table_ptr, capacity, n, code, out_ptr, nthreads) -> None\n\n"
+     "One group of n grads of dtype code and their weights, from a C-contiguous int64\n"
+     "[5, capacity] table (grad pointers, grad numels, weight pointers, weight numels,\n"
+     "weight codes; first n columns): writes [n, 9] doubles, each grad's 8 partials\n"
+     "then its weight's sum of squares.\n"},
     {NULL, NULL, 0, NULL},
 };
 

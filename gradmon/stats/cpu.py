@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from gradmon.stats.layout import NCOLS
+from gradmon.stats.layout import NCOLS, Col
 
 _kernel: ModuleType | None
 try:
@@ -156,11 +156,11 @@ class KnownWeights:
         self._out: torch.Tensor | None = None
 
     def output(self, rows: int) -> torch.Tensor:
-        """A [rows, 8] float64 buffer for the kernel, the same from call to call (a fresh
-        one of 1000 rows was an mmap and its page faults: ~30 us). The caller reads it
-        before the group's next call (collect.py copies the rows into its block)."""
+        """A [rows, 9] float64 buffer for the kernel, the same from call to call (a fresh
+        one of 1000 rows was an mmap and its page faults: ~30 us). The caller copies it
+        before the group's next call (collect.py)."""
         if self._out is None or self._out.shape[0] != rows:
-            self._out = torch.empty((rows, NCOLS), dtype=torch.float64)
+            self._out = torch.empty((rows, NCOLS + 1), dtype=torch.float64)
         return self._out
 
 
@@ -182,10 +182,10 @@ def group_partials(
     nthreads: int | None = None,
     reads: Pointers | None = None,
 ) -> torch.Tensor:
-    """[2T, 8] float64: the partials of T grads, then rows of their T weights that hold
-    only the sum of squares (column SUM_SQ; the others are NaN). `compute_partials(grads)`
-    and the weights' squared norms in one kernel call, for the agent's groups, with fewer
-    checks per tensor (the host cost of a collection is mostly these attribute reads).
+    """[T, 9] float64: each grad's 8 partials, then its weight's sum of squares (a weight
+    is read for its norm only): `compute_partials(grads)` and the weights' squared norms
+    in one kernel call, for the agent's groups, with fewer checks per tensor (the host
+    cost of a collection is mostly these attribute reads).
 
     The caller guarantees that `grads` are strided CPU tensors of one supported dtype (it
     grouped them by device, dtype and layout); the weights are checked in full only when
@@ -196,23 +196,20 @@ def group_partials(
     that the group's next call overwrites (KnownWeights.output).
     """
     if _kernel is None:
-        return compute_partials([*grads, *weights], nthreads=nthreads)
+        both = compute_partials([*grads, *weights], nthreads=nthreads)
+        return _side_by_side(both, len(grads))
     n = len(grads)
     if n == 0:
-        return torch.empty((0, NCOLS), dtype=torch.float64)
+        return torch.empty((0, NCOLS + 1), dtype=torch.float64)
     code = _codes(grads[:1])[0]
     threads = torch.get_num_threads() if nthreads is None else nthreads
     if reads is not None and not reads.unreadable and known.table is not None:
-        table = reads.table[:, :n]
-        if table[2:].tobytes() == known.table:  # one memcmp (np.array_equal: ~4x longer)
-            # Grads then weights: pointers, sizes and codes, as the kernel's table reads them.
-            entries = np.empty((3, 2 * n), dtype=np.int64)
-            entries[:2, :n] = table[:2]
-            entries[:2, n:] = table[2:4]
-            entries[2, :n] = code
-            entries[2, n:] = table[4] + NORM_ONLY
-            out = known.output(2 * n)
-            _kernel.compute_table(entries.ctypes.data, 2 * n, out.data_ptr(), threads)
+        table = reads.table
+        if table[2:, :n].tobytes() == known.table:  # one memcmp (np.array_equal: ~4x longer)
+            out = known.output(n)
+            _kernel.compute_group(
+                table.ctypes.data, table.shape[1], n, code, out.data_ptr(), threads
+            )
             return out
     # `flat`, `wflat` also keep any contiguous copy alive until the kernel returns.
     flat = [g if g.is_contiguous() and not g.is_neg() else _flatten(g) for g in grads]
@@ -230,7 +227,15 @@ def group_partials(
             known.table = now  # read in place: next time the pointers are enough
         else:  # a copy's pointer means nothing next time
             wptrs = [w.data_ptr() for w in wflat]
-    out = torch.empty((2 * n, NCOLS), dtype=torch.float64)
+    both = torch.empty((2 * n, NCOLS), dtype=torch.float64)
     codes = [code] * n + [c + NORM_ONLY for c in known.codes]
-    _kernel.compute(ptrs + wptrs, numels + wnumels, codes, out.data_ptr(), threads)
-    return out
+    _kernel.compute(ptrs + wptrs, numels + wnumels, codes, both.data_ptr(), threads)
+    return _side_by_side(both, n)
+
+
+def _side_by_side(both: torch.Tensor, n: int) -> torch.Tensor:
+    """[2n, 8] rows (grads, then weights) as [n, 9]: the weights' sums of squares last."""
+    block = torch.empty((n, NCOLS + 1), dtype=torch.float64)
+    block[:, :NCOLS] = both[:n]
+    block[:, NCOLS] = both[n:, Col.SUM_SQ]
+    return block

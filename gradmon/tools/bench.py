@@ -38,7 +38,7 @@ from gradmon.agent.collect import PartialsCollector
 from gradmon.agent.gather import Gatherer
 from gradmon.agent.layers import LayerIndex
 from gradmon.config import Config
-from gradmon.stats import partials_and_param_sum_squares, select_backend
+from gradmon.stats import partials_block, select_backend
 from gradmon.stats import torch as torch_stats
 
 SCRAPE_INTERVALS = (1.0, 15.0)  # seconds: a fast Prometheus job, and its default
@@ -338,7 +338,7 @@ def run_bench(
 
     def plain() -> None:
         grads = [p.grad for p in params if p.grad is not None]
-        partials_and_param_sum_squares(torch_stats.compute_partials, grads, params)
+        partials_block(torch_stats.compute_partials, grads, params)
 
     calls = [foreach_norm, foreach_norm_both, agent_call, plain]
     _interleaved(calls, 3)
