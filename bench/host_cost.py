@@ -8,8 +8,9 @@ step = (arm - none) / N. Arms:
 
 - none: training only;
 - none again: training only, on a second copy. The baseline is the mean of the two;
-  half their gap is shown as the noise (±) of the measurement (copies differ in where
-  their tensors landed in memory, and the machine is shared);
+  half their gap is shown as the noise (±) of the measurement, the largest over the sets
+  below (copies differ in where their tensors landed in memory, and the machine is
+  shared);
 - gradmon: `gradmon.attach(model, opt)`, every step collected, health on, exporter on
   (a real server on port 0, not scraped), `exporter.max_layers` N;
 - gradmon k=10: the same with `collect.every_n_steps: 10`, its mean over all steps
@@ -22,9 +23,15 @@ step = (arm - none) / N. Arms:
   value, as logging it does (norms only);
 - item: `p.grad.norm().item()` per parameter (norms only).
 
-Every arm's model competes for the CPU caches with the others' (eight models in all);
-`--arms gradmon` times the agent against the untouched copies only, closer to a run that
-trains one model. `--repeats K` runs the whole measurement K times, each with fresh copies
+Arms are measured in sets, each set against its own two untouched copies: the gradmon
+arms together (one agent's code), then `_foreach_norm`, then `.item()`, then Lightning
+(the set order reversed on every other repeat). Every arm's step then runs beside the same
+company: two untouched copies and at most two other arms of the same code. In one set of
+all eight models (`--together`), the peers' allocations (20,000 `.item()` floats a step,
+Lightning's dicts) move when the garbage collector runs and which arm's step pays for it,
+and the eight copies compete for the caches: at 20,000 tensors an arm that does no work
+("not collected") read -1.5 µs a tensor there. `--arms` keeps only the arms named.
+`--repeats K` runs the whole measurement K times, each with fresh copies
 (whose tensors land elsewhere in memory: a copy's layout alone moves its forward by a few
 tenths of a µs a tensor), and reports the median over the repeats, each repeat's figure
 listed under the table. It asserts nothing: it prints the table (and `--json`).
@@ -144,6 +151,38 @@ def measure(n: int, rounds: int, warmup: int, only: list[str] | None = None) -> 
     }
 
 
+# The sets of arms measured side by side, each with its own two untouched copies.
+SETS = (("gradmon", "gradmon k=10", "not collected"), ("foreach_norm",), ("item",), ("lightning",))
+
+
+def measure_sets(
+    n: int, rounds: int, warmup: int, only: list[str] | None, together: bool, reverse: bool
+) -> tuple[float, float, dict[str, float]]:
+    """(baseline step, noise, added µs per tensor per arm) of one repeat: each set against
+    its own untouched copies (or every arm in one set: `together`)."""
+    if together:
+        sets: list[list[str] | None] = [only]
+    else:
+        sets = [[a for a in group if only is None or a in only] for group in SETS]
+        sets = [group for group in sets if group]
+    if reverse:
+        sets.reverse()
+    bases, noises, added = [], [], {}
+    for group in sets:
+        med = measure(n, rounds, warmup, group)
+        # The baseline is both untouched copies' mean; half their gap is the noise (±).
+        none, again = med.pop("none"), med.pop("none again")
+        base = (none + again) / 2
+        bases.append(base)
+        noises.append(abs(none - again) / 2 / n * 1e6)
+        added.update({k: (v - base) / n * 1e6 for k, v in med.items()})
+    shown = [a for a in ("gradmon", "gradmon k=10", "not collected", *_PEERS) if a in added]
+    return statistics.fmean(bases), max(noises), {a: added[a] for a in shown}
+
+
+_PEERS = ("foreach_norm", "item", "lightning")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 4000, 20000])
@@ -157,18 +196,20 @@ def main() -> None:
         "caches, as in a run that trains one model",
     )
     parser.add_argument("--repeats", type=int, default=1, help="fresh copies, K times")
+    parser.add_argument(
+        "--together", action="store_true", help="every arm in one set (eight models)"
+    )
     args = parser.parse_args()
     rows = []
     for n in args.sizes:
-        rounds = max(10, args.rounds * 1000 // max(n, 1000))
-        repeats = []
-        for _ in range(max(1, args.repeats)):
-            med = measure(n, -(-rounds // 10) * 10, args.warmup, args.arms)  # a multiple of 10
-            # The baseline is both untouched copies' mean; half their gap is the noise (±).
-            none, again = med.pop("none"), med.pop("none again")
-            base = (none + again) / 2
-            added = {k: (v - base) / n * 1e6 for k, v in med.items()}
-            repeats.append((base, abs(none - again) / 2 / n * 1e6, added))
+        # At least 20 rounds: at 20,000 tensors one full collection of the heap (~0.2 s)
+        # lands in about one step in five, which a median over 10 barely keeps out.
+        rounds = max(20, args.rounds * 1000 // max(n, 1000))
+        rounds = -(-rounds // 10) * 10  # a multiple of 10 (the k=10 arm)
+        repeats = [
+            measure_sets(n, rounds, args.warmup, args.arms, args.together, reverse=k % 2 == 1)
+            for k in range(max(1, args.repeats))
+        ]
         rows.append(
             {
                 "tensors": n,
