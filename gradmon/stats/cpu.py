@@ -14,6 +14,12 @@ Contract of `_cpu_kernel.compute(ptrs, numels, dtypes, out_ptr, nthreads)`:
   works on the calling thread plus up to ``nthreads - 1`` pooled helper threads, and
   returns when all of them are done with the buffers.
 
+`_cpu_kernel.compute_group(table_ptr, capacity, n, code, out_ptr, nthreads)` is the agent's
+call (group_partials): the same work for n grads of dtype ``code`` and their weights,
+whose pointers, sizes and weight codes are the first n columns of an int64 ``[5,
+capacity]`` table (agent/gather.py Reads); it writes ``[n, 9]``: each grad's 8 partials,
+then its weight's sum of squares.
+
 The C side cannot see devices, strides, buffer sizes or lifetimes: checking those is this
 module's job. Results are bit-identical from run to run and for every thread count on a
 given machine (across CPUs the sum of squares may differ in the last bits, FMA or not).
