@@ -13,9 +13,11 @@ step = (arm - none) / N. Arms:
   shared);
 - gradmon: `gradmon.attach(model, opt)`, every step collected, health on, exporter on
   (a real server on port 0, not scraped), `exporter.max_layers` N;
-- gradmon k=10: the same with `collect.every_n_steps: 10`, its mean over all steps
-  (rounds are a multiple of 10: one collection in ten steps, with the learning
-  backwards and their hooking amortised as they come);
+- gradmon k=10: the same with `collect.every_n_steps: 10`, the mean step of a 10-step
+  cycle as (median collected step + 9 x median step between) / 10 (which steps were
+  collected is read off the agent's snapshots, outside the timing). The plain mean over
+  all steps took in the garbage collector's full collections (~0.2 s each at 20,000
+  tensors, one step in five) at random: one more or fewer moved it by ~0.5 µs a tensor;
 - not collected: `collect.every_n_steps` 10**9, so no step after the first is collected:
   what a step that is not collected costs;
 - foreach_norm: `torch._foreach_norm` of the grads, stacked, `.tolist()` (norms only);
@@ -23,10 +25,9 @@ step = (arm - none) / N. Arms:
   value, as logging it does (norms only);
 - item: `p.grad.norm().item()` per parameter (norms only).
 
-Arms are measured in sets, each set against its own two untouched copies: the gradmon
-arms together (one agent's code), then `_foreach_norm`, then `.item()`, then Lightning
-(the set order reversed on every other repeat). Every arm's step then runs beside the same
-company: two untouched copies and at most two other arms of the same code. In one set of
+Each arm is measured in a set of its own, against its own two untouched copies, one set
+after another (their order reversed on every other repeat): every arm's step then runs
+beside the same company, two untouched copies of the model. In one set of
 all eight models (`--together`), the peers' allocations (20,000 `.item()` floats a step,
 Lightning's dicts) move when the garbage collector runs and which arm's step pays for it,
 and the eight copies compete for the caches: at 20,000 tensors an arm that does no work
@@ -109,7 +110,7 @@ def arms(
 def measure(n: int, rounds: int, warmup: int, only: list[str] | None = None) -> dict[str, float]:
     x = torch.randn(4, 16)
     setup = arms(n, only)
-    monitors = []
+    monitors = {}
     for name, every in (("gradmon", 1), ("gradmon k=10", 10), ("not collected", 10**9)):
         if name not in setup:
             continue
@@ -118,7 +119,7 @@ def measure(n: int, rounds: int, warmup: int, only: list[str] | None = None) -> 
             "exporter": {"port": 0, "max_layers": n},
             "collect": {"every_n_steps": every},
         }
-        monitors.append(gradmon.attach(model, opt, config=config))
+        monitors[name] = gradmon.attach(model, opt, config=config)
 
     def step(name: str) -> float:
         model, opt, fn = setup[name]
@@ -131,40 +132,55 @@ def measure(n: int, rounds: int, warmup: int, only: list[str] | None = None) -> 
 
     names = list(setup)
     times: dict[str, list[float]] = {name: [] for name in names}
+    collected: list[bool] = []  # the k=10 arm's timed steps: collected or not
+    last = -1
     try:
         for r in range(warmup + rounds):
             for name in names if r % 2 == 0 else reversed(names):
                 t = step(name)
                 if r >= warmup:
                     times[name].append(t)
-        for mon in monitors:
+                if name == "gradmon k=10":
+                    snap = monitors[name].snapshot()
+                    now = snap.step if snap is not None else -1
+                    if r >= warmup:
+                        collected.append(now != last)
+                    last = now
+        for mon in monitors.values():
             snap = mon.snapshot()
             assert snap is not None, "the agent collected nothing"
             assert not snap.nonfinite and not snap.anomalies, snap.anomalies[:3]
     finally:
-        for mon in monitors:
+        for mon in monitors.values():
             mon.close()
-    # The k=10 arm's cost comes in one step of ten: its mean is the fair figure.
-    return {
-        name: statistics.fmean(ts) if name == "gradmon k=10" else statistics.median(ts)
-        for name, ts in times.items()
-    }
+    out = {name: statistics.median(ts) for name, ts in times.items()}
+    if "gradmon k=10" in times:
+        out["gradmon k=10"] = _cycle_mean(times["gradmon k=10"], collected, 10)
+    return out
 
 
-# The sets of arms measured side by side, each with its own two untouched copies.
-SETS = (("gradmon", "gradmon k=10", "not collected"), ("foreach_norm",), ("item",), ("lightning",))
+def _cycle_mean(times: list[float], collected: list[bool], k: int) -> float:
+    """The mean step of a k-step cycle of one collected step and k - 1 others, each from
+    its median (the plain mean where the timed steps hold no collected one)."""
+    on = [t for t, c in zip(times, collected, strict=True) if c]
+    off = [t for t, c in zip(times, collected, strict=True) if not c]
+    if not on or not off:
+        return statistics.fmean(times)
+    return (statistics.median(on) + (k - 1) * statistics.median(off)) / k
+
+
+ARMS = ("gradmon", "gradmon k=10", "not collected", "foreach_norm", "item", "lightning")
 
 
 def measure_sets(
     n: int, rounds: int, warmup: int, only: list[str] | None, together: bool, reverse: bool
 ) -> tuple[float, float, dict[str, float]]:
-    """(baseline step, noise, added µs per tensor per arm) of one repeat: each set against
+    """(baseline step, noise, added µs per tensor per arm) of one repeat: each arm against
     its own untouched copies (or every arm in one set: `together`)."""
     if together:
         sets: list[list[str] | None] = [only]
     else:
-        sets = [[a for a in group if only is None or a in only] for group in SETS]
-        sets = [group for group in sets if group]
+        sets = [[arm] for arm in ARMS if only is None or arm in only]
     if reverse:
         sets.reverse()
     bases, noises, added = [], [], {}
@@ -176,11 +192,7 @@ def measure_sets(
         bases.append(base)
         noises.append(abs(none - again) / 2 / n * 1e6)
         added.update({k: (v - base) / n * 1e6 for k, v in med.items()})
-    shown = [a for a in ("gradmon", "gradmon k=10", "not collected", *_PEERS) if a in added]
-    return statistics.fmean(bases), max(noises), {a: added[a] for a in shown}
-
-
-_PEERS = ("foreach_norm", "item", "lightning")
+    return statistics.fmean(bases), max(noises), {a: added[a] for a in ARMS if a in added}
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_host_cost_runs_and_reports_every_repeat(design: list[str]) -> None:
     """In sets against their own untouched copies (the default) and all in one set."""
     args = ["--sizes", "8", "--rounds", "10", "--warmup", "1", "--repeats", "2", "--json"]
-    arms = ["--arms", "gradmon", "not collected", "foreach_norm"]
+    arms = ["--arms", "gradmon", "gradmon k=10", "not collected", "foreach_norm"]
     out = subprocess.run(
         [sys.executable, "bench/host_cost.py", *args, *arms, *design],
         cwd=ROOT,
@@ -30,7 +30,8 @@ def test_host_cost_runs_and_reports_every_repeat(design: list[str]) -> None:
     )
     (row,) = json.loads(out.stdout)
     assert row["tensors"] == 8 and row["none_ms"] > 0
-    assert set(row["added_us_per_tensor"]) == {"gradmon", "not collected", "foreach_norm"}
+    want = {"gradmon", "gradmon k=10", "not collected", "foreach_norm"}
+    assert set(row["added_us_per_tensor"]) == want
     assert len(row["repeats"]) == 2
     for arm, median in row["added_us_per_tensor"].items():
         values = sorted(r[arm] for r in row["repeats"])
