@@ -171,8 +171,8 @@ class LayerIndex:
     param_names: list[str]
     # Weak: the monitor never keeps a model alive. Untracked by the cyclic GC where the C
     # kernel is built (stats.cpu.weaken), as `members` are tuples (which the GC untracks):
-    # 2N tracked objects held for the run made each full collection of the heap ~5% longer
-    # (20,000 parameters).
+    # 2N tracked objects held for the run made each full collection of the heap longer
+    # (20,000 parameters: ~200 ms against ~187 ms; 182 ms without gradmon).
     param_refs: list[weakref.ref[nn.Parameter]]
     numels: list[int]  # elements measured on this rank (a DTensor's shard; complex: x2)
     layer_names: list[str]
