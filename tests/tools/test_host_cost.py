@@ -30,8 +30,9 @@ def test_host_cost_runs_and_reports_every_repeat(design: list[str]) -> None:
     )
     (row,) = json.loads(out.stdout)
     assert row["tensors"] == 8 and row["none_ms"] > 0
-    want = {"gradmon", "gradmon k=10", "not collected", "foreach_norm"}
+    want = {"gradmon", "gradmon own time", "gradmon k=10", "not collected", "foreach_norm"}
     assert set(row["added_us_per_tensor"]) == want
+    assert row["added_us_per_tensor"]["gradmon own time"] > 0  # read off gradmon's registry
     assert len(row["repeats"]) == 2
     for arm, median in row["added_us_per_tensor"].items():
         values = sorted(r[arm] for r in row["repeats"])
