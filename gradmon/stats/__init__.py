@@ -161,8 +161,7 @@ def partials_block(
         # strided grads of one dtype), the weights are checked in full only when changed.
         if known is not None:
             return cpu.group_partials(grads, params, known, reads=reads)
-        both, n = backend([*grads, *params]), len(grads)
-        return _torch.cat([both[:n], both[n:, Col.SUM_SQ : Col.SUM_SQ + 1]], dim=1)
+        return cpu.side_by_side(backend([*grads, *params]), len(grads))
     partials = backend(grads)
     param_sq = param_sum_squares(params).to(partials.device)
     return _torch.cat([partials, param_sq.unsqueeze(1)], dim=1)

@@ -502,13 +502,14 @@ done:
 
 /* weaken(list): each item that is neither None nor already a weak reference is replaced,
  * in place, by a weak reference to it (without callback), which is then untracked from the
- * cyclic GC. The agent's Python pass (gather.py, where the C++ one is not built) keeps,
- * from one collection to the next, a weak reference to each gradient it read: weakref objects are GC-tracked for the sake of their
- * callbacks, and N of them living across a step were promoted to the oldest generation
- * and set off full collections of the whole heap (~1 us a tensor per step, measured). A
- * weak reference without a callback takes part in no cycle, so it need not be tracked
- * (its dealloc untracks again: a no-op). Made here in one pass, they are never tracked
- * while a collection could promote them. */
+ * cyclic GC (stats/cpu.py weaken). The agent holds N weak references: to the parameters
+ * for the whole run, and, in its Python pass (gather.py, where the C++ one is not built),
+ * to each gradient from one collection to the next. Weakref objects are GC-tracked for
+ * the sake of their callbacks, and N of them living across a step were promoted to the
+ * oldest generation and set off full collections of the whole heap (~1 us a tensor per
+ * step, measured). A weak reference without a callback takes part in no cycle, so it
+ * need not be tracked (its dealloc untracks again: a no-op). Made here in one pass, they
+ * are never tracked while a collection could promote them. */
 static PyObject *weaken(PyObject *self, PyObject *list) {
     (void)self;
     if (!PyList_Check(list)) {
@@ -527,7 +528,6 @@ static PyObject *weaken(PyObject *self, PyObject *list) {
     }
     Py_RETURN_NONE;
 }
-
 
 static PyMethodDef methods[] = {
     {"weaken", weaken, METH_O,

@@ -151,14 +151,13 @@ def compute_partials(
 class KnownWeights:
     """What one group's weights looked like at the last `group_partials` call that checked
     them in full: `table`, the bytes of int64 rows of their data pointers, sizes and dtype
-    codes (see Pointers), and `codes`. A parameter's data moves, or changes dtype or size,
+    codes (see Pointers). A parameter's data moves, or changes dtype or size,
     only when its `.data` is replaced (`model.to()`, `.half()`,
     `load_state_dict(assign=True)`); then, or when the group's members change, they are
     checked in full again."""
 
     def __init__(self) -> None:
         self.table: bytes | None = None  # None: not read in place (copies), check again
-        self.codes: list[int] = []
         self._out: torch.Tensor | None = None
 
     def output(self, rows: int) -> torch.Tensor:
@@ -202,8 +201,7 @@ def group_partials(
     that the group's next call overwrites (KnownWeights.output).
     """
     if _kernel is None:
-        both = compute_partials([*grads, *weights], nthreads=nthreads)
-        return _side_by_side(both, len(grads))
+        return side_by_side(compute_partials([*grads, *weights], nthreads=nthreads), len(grads))
     n = len(grads)
     if n == 0:
         return torch.empty((0, NCOLS + 1), dtype=torch.float64)
@@ -228,18 +226,18 @@ def group_partials(
     if now != known.table:
         known.table = None
         wflat = _readable(weights)
-        known.codes = _codes(wflat)  # TypeError naming an unsupported dtype
+        _codes(wflat)  # TypeError naming an unsupported dtype (else they are `wcodes`)
         if all(a is b for a, b in zip(wflat, weights, strict=True)):
             known.table = now  # read in place: next time the pointers are enough
         else:  # a copy's pointer means nothing next time
             wptrs = [w.data_ptr() for w in wflat]
     both = torch.empty((2 * n, NCOLS), dtype=torch.float64)
-    codes = [code] * n + [c + NORM_ONLY for c in known.codes]
+    codes = [code] * n + [c + NORM_ONLY for c in wcodes]
     _kernel.compute(ptrs + wptrs, numels + wnumels, codes, both.data_ptr(), threads)
-    return _side_by_side(both, n)
+    return side_by_side(both, n)
 
 
-def _side_by_side(both: torch.Tensor, n: int) -> torch.Tensor:
+def side_by_side(both: torch.Tensor, n: int) -> torch.Tensor:
     """[2n, 8] rows (grads, then weights) as [n, 9]: the weights' sums of squares last."""
     block = torch.empty((n, NCOLS + 1), dtype=torch.float64)
     block[:, :NCOLS] = both[:n]
